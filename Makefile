@@ -1,0 +1,44 @@
+# mora-lab: `make help` lists the targets.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROFILE ?= tiny
+SEED ?=
+SEEDS ?=
+
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export DS_ACCELERATOR ?= cpu
+export WANDB_MODE ?= offline
+
+.PHONY: help install test test-fast lint reproduce-table2 bench inspect clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-20s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the pinned dependencies (torch CPU wheel in the same install)
+
+test: $(STAMP) ## run the whole test suite
+	WANDB_MODE=disabled $(PY) -m pytest
+
+test-fast: $(STAMP) ## run the tests without the slow and multi-process ones
+	WANDB_MODE=disabled $(PY) -m pytest -m "not slow and not multiprocess"
+
+lint: $(STAMP) ## ruff check + format check
+	$(VENV)/bin/ruff check mora tests bench scripts
+	$(VENV)/bin/ruff format --check mora tests bench scripts
+
+inspect: $(STAMP) ## per-layer r_hat and parameters, e.g. make inspect ARGS="model=llama2_7b adapter=mora adapter.r=8"
+	$(PY) -m mora.inspect $(ARGS)
+
+clean: ## remove caches (keeps .venv, runs and results)
+	rm -rf .pytest_cache .ruff_cache

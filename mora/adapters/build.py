@@ -1,0 +1,164 @@
+"""One entry point for every method of the paper: an adapter config -> a trainable model, its optimizer and, for
+ReLoRA / ReMoRA, its restart policy.
+
+Methods: fft, lora, loraplus, dora, asylora, relora (LoRA layers), mora, remora (MoRA layers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.optimizers import create_loraplus_optimizer
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from mora.adapters.peft_tuner import MoraConfig
+from mora.training.restarts import Restarts, next_grouping
+
+METHODS: tuple[str, ...] = ("fft", "lora", "loraplus", "dora", "asylora", "relora", "mora", "remora")
+LORA_FAMILY = ("lora", "loraplus", "dora", "asylora", "relora")
+MORA_FAMILY = ("mora", "remora")
+
+
+@dataclass
+class Adapted:
+    """A model ready to train with one method of the paper."""
+
+    model: nn.Module
+    method: str
+    restarts: Restarts | None = None
+    loraplus_ratio: float | None = None
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def optimizer(self, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)):
+        """AdamW over the trainable parameters; LoRA+ puts lr * ratio on B (PEFT's LoRA+ optimizer)."""
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if self.method == "loraplus":
+            return create_loraplus_optimizer(
+                self.model,
+                optimizer_cls=torch.optim.AdamW,
+                lr=lr,
+                loraplus_lr_ratio=self.loraplus_ratio,
+                weight_decay=weight_decay,
+                betas=betas,
+            )
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+
+
+def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    value = cfg.get(key, default)
+    return default if value is None else value
+
+
+def _positive_r(cfg: Mapping[str, Any]) -> int:
+    r = cfg.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ValueError(f"adapter.r must be a positive integer, got {r!r}")
+    return r
+
+
+def _check_targets(model: nn.Module, targets: list[str]) -> None:
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise ValueError(
+            f"adapter.target_modules {missing} are not modules of {type(model).__name__}; "
+            f"it has e.g. {sorted(n for n in names if n.endswith('proj'))[:8]}"
+        )
+
+
+def _restarts(cfg: Mapping[str, Any], regroup: str | None) -> Restarts:
+    restart = cfg.get("restart") or {}
+    return Restarts(
+        every=int(_get(restart, "every", 2000)),
+        warmup=int(_get(restart, "warmup", 50)),
+        optimizer_reset=str(_get(restart, "optimizer_reset", "full")),
+        regroup=regroup,
+    )
+
+
+def asylora_init_(model: nn.Module, seed: int | None = None) -> None:
+    """AsyLoRA's initialisation (PAPER.md §2.2): A = the first r columns of V^T from the SVD of a uniform random
+    d_in x d_in matrix (rows orthonormal), B = 0, A stays trainable. The authors' code draws
+    rand(d_in, max(d_in, 4096)), which only fits A when d_in >= 4096, where the two agree."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for name, lora_A in module.lora_A.items():
+            r, d_in = lora_A.weight.shape
+            random = torch.rand(d_in, d_in, generator=generator, dtype=torch.float32)
+            _, _, vh = torch.linalg.svd(random)  # (d_in, d_in), orthogonal
+            with torch.no_grad():
+                lora_A.weight.copy_(vh[:, :r].T.to(lora_A.weight.dtype))
+                module.lora_B[name].weight.zero_()
+
+
+def build_adapter(model: nn.Module, cfg: Mapping[str, Any], seed: int | None = None) -> Adapted:
+    """Wrap `model` for the method `cfg["method"]`.
+
+    Keys: method, r, alpha (LoRA family), dropout, target_modules, compression and rounding (MoRA family),
+    loraplus_ratio (loraplus), restart.{every, warmup, optimizer_reset} (relora, remora), regroup (remora),
+    modules_to_save.
+    """
+    method = cfg.get("method")
+    if method not in METHODS:
+        raise ValueError(f"unknown adapter method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "fft":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return Adapted(model, method)
+
+    r = _positive_r(cfg)
+    targets = list(_get(cfg, "target_modules", []))
+    if not targets:
+        raise ValueError("adapter.target_modules is empty: name the modules to adapt, e.g. [q_proj, v_proj]")
+    _check_targets(model, targets)
+    dropout = float(_get(cfg, "dropout", 0.0))
+    modules_to_save = list(cfg["modules_to_save"]) if cfg.get("modules_to_save") else None
+
+    if method in MORA_FAMILY:
+        compression = str(_get(cfg, "compression", "rope"))
+        regroup = str(_get(cfg, "regroup", "paper")) if method == "remora" else None
+        if regroup is not None:
+            next_grouping(compression, regroup)  # fail now if this operator cannot regroup
+        config = MoraConfig(
+            r=r,
+            compression=compression,
+            rounding=str(_get(cfg, "rounding", "official")),
+            dropout=dropout,
+            target_modules=targets,
+            modules_to_save=modules_to_save,
+        )
+        peft_model = get_peft_model(model, config)
+        return Adapted(peft_model, method, _restarts(cfg, regroup) if method == "remora" else None)
+
+    alpha = cfg.get("alpha")
+    if alpha is None or alpha <= 0:
+        raise ValueError(f"adapter.alpha must be positive for {method}, got {alpha!r}")
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        use_dora=method == "dora",
+        modules_to_save=modules_to_save,
+    )
+    peft_model = get_peft_model(model, config)
+    if method == "asylora":
+        asylora_init_(peft_model, seed)
+    ratio = None
+    if method == "loraplus":
+        ratio = float(_get(cfg, "loraplus_ratio", 4.0))
+        if ratio <= 0:
+            raise ValueError(f"adapter.loraplus_ratio must be positive, got {ratio}")
+    restarts = _restarts(cfg, None) if method == "relora" else None
+    return Adapted(peft_model, method, restarts, ratio)

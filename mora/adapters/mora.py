@@ -1,0 +1,290 @@
+"""MoRA (arXiv 2405.12130, Eq. 2): delta(x) = f_decomp(M @ f_comp(x)), with one square M of shape (r_hat, r_hat).
+
+Pure functions, torch only. `delta` is the forward path, `delta_weight` the (d_out, d_in) matrix that merges into
+the base weight (Eq. 3): for every operator `delta(x) == x @ delta_weight(M, ...).T`.
+
+Operators (`compression`), with the authors' `mora_type` numbers kept only in OFFICIAL_TYPES:
+
+- `truncation` (Eq. 4/5): f_comp(x) = x[:r_hat], f_decomp(y) = [y; 0], so dW = [[M, 0], [0, 0]].
+  Needs r_hat <= min(d_in, d_out); no padding.
+- `sharing` (Eq. 6/7, type 1): input feature j joins group j mod r_hat (the input is wrap-padded to a multiple of
+  r_hat with its own first features), outputs are M's output tiled: dW[i, j] = M[i mod r_hat, j mod r_hat].
+- `sharing_chunked` (type 2), `sharing_chunked_in` (type 3), `sharing_chunked_out` (type 4): the same sharing with
+  contiguous groups (m chunks of size q+1, then r_hat-m of size q, no padding) on both sides, on the input side
+  only, or on the output side only. The authors use them only to switch groups between ReMoRA restarts.
+- `decouple` (Eq. 8): the wrap-padded input is cut into n = ceil(d_in / r_hat) chunks, M maps each chunk, the
+  outputs are concatenated and truncated to d_out (tiled if shorter): dW = blockdiag(M, ..., M). The paper leaves
+  padding open; we use the same wrap-around padding and output rule as `rope`, so that `decouple` is exactly
+  `rope` without its rotation (the author's description in kongds/MoRA#24).
+- `rope` (Eq. 9-11, type 6): as `decouple`, but chunk c is rotated RoPE-style by angles c * theta_j first
+  (rotate_half pairing j <-> j + r_hat/2, theta_j = 10000^(-2j/r_hat); chunk 0 is not rotated), so
+  dW = blockdiag(M R_0, M R_1, ...).
+
+Where the output is truncated (n * r_hat > d_out) only the first ceil(d_out / r_hat) chunks reach the output; both
+paths compute only those. Wrap-around padding is a true cycle (position k reads feature k mod d_in), which equals the
+authors' `cat([x, x[..., :pad]])` wherever theirs runs and also covers r_hat > 2 * d_in, where theirs crashes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+COMPRESSIONS: tuple[str, ...] = (
+    "truncation",
+    "sharing",
+    "decouple",
+    "rope",
+    "sharing_chunked",
+    "sharing_chunked_in",
+    "sharing_chunked_out",
+)
+
+OFFICIAL_TYPES: dict[int, str] = {
+    1: "sharing",
+    2: "sharing_chunked",
+    3: "sharing_chunked_in",
+    4: "sharing_chunked_out",
+    6: "rope",
+}
+
+ROUNDINGS: tuple[str, ...] = ("official", "paper")
+
+# For each sharing operator: (input grouping, output grouping).
+_SHARING_GROUPS: dict[str, tuple[str, str]] = {
+    "sharing": ("cyclic", "cyclic"),
+    "sharing_chunked": ("chunked", "chunked"),
+    "sharing_chunked_in": ("chunked", "cyclic"),
+    "sharing_chunked_out": ("cyclic", "chunked"),
+}
+_CHUNK_OPERATORS = ("decouple", "rope")
+ROPE_BASE = 10000.0
+
+
+def check_compression(compression: object) -> str:
+    """Return `compression` if it names an operator, else raise ValueError saying what is accepted."""
+    if isinstance(compression, int) and not isinstance(compression, bool):
+        hint = f" (the authors' mora_type={compression} is compression={OFFICIAL_TYPES[compression]!r})"
+        raise ValueError(
+            f"compression must be an operator name, not a number: {compression!r}"
+            + (hint if compression in OFFICIAL_TYPES else "")
+            + f"; choose one of {', '.join(COMPRESSIONS)}"
+        )
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}")
+    return compression  # type: ignore[return-value]
+
+
+def r_hat(d_in: int, d_out: int, r: int, compression: str, rounding: str = "official") -> int:
+    """Side of the square M with LoRA's budget (d_in + d_out) * r.
+
+    `official` rounds to the nearest integer as the authors' code does, `paper` floors as the paper writes
+    (r_hat = floor(sqrt((d + k) r))). `rope` then rounds down to an even size, since it rotates pairs.
+    """
+    check_compression(compression)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    if d_in <= 0 or d_out <= 0:
+        raise ValueError(f"layer dimensions must be positive, got d_in={d_in}, d_out={d_out}")
+    budget = (d_in + d_out) * r
+    if rounding == "official":
+        size = int(math.sqrt(budget) + 0.5)
+    elif rounding == "paper":
+        size = math.isqrt(budget)
+    else:
+        raise ValueError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
+    if compression == "rope":
+        size = size // 2 * 2
+    return size
+
+
+def check_shapes(d_in: int, d_out: int, size: int, compression: str) -> None:
+    """Raise ValueError where `compression` cannot map d_in -> d_out through a (size, size) matrix."""
+    check_compression(compression)
+    if size < 1:
+        raise ValueError(f"r_hat must be at least 1, got {size}")
+    if compression == "rope" and size % 2:
+        raise ValueError(f"rope rotates pairs of features and needs an even r_hat, got r_hat={size}")
+    if compression == "truncation" and size > min(d_in, d_out):
+        raise ValueError(
+            f"truncation keeps the first r_hat features, so it needs r_hat <= min(d_in, d_out); got r_hat={size} "
+            f"for a {d_in} -> {d_out} layer: lower r or use compression='sharing'"
+        )
+    if compression in _SHARING_GROUPS:
+        grouping_in, grouping_out = _SHARING_GROUPS[compression]
+        for side, grouping, dim in (("input", grouping_in, d_in), ("output", grouping_out, d_out)):
+            if grouping == "chunked" and size > dim:
+                raise ValueError(
+                    f"{compression} cuts the {side} ({dim} features) into r_hat={size} contiguous groups, which "
+                    f"needs r_hat <= {dim}: lower r or use compression='sharing'"
+                )
+
+
+def rope_tables(size: int, n_chunks: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """cos and sin of the chunk rotations, each (n_chunks, size), float32, as the authors build them."""
+    inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, size, 2, device=device).float() / size))  # (size/2,)
+    freqs = torch.outer(torch.arange(n_chunks, device=device).float(), inv_freq)  # (n, size/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (n, size)
+    return emb.cos(), emb.sin()
+
+
+def n_chunks(d_in: int, size: int) -> int:
+    """Number of r_hat-chunks in the wrap-padded input of `decouple` / `rope`."""
+    return -(-d_in // size)
+
+
+def surviving_chunks(d_in: int, d_out: int, size: int) -> int:
+    """Chunks whose outputs reach the (truncated) output of `decouple` / `rope`."""
+    n = n_chunks(d_in, size)
+    return min(n, -(-d_out // size)) if n * size >= d_out else n
+
+
+def _wrap(x: Tensor, length: int) -> Tensor:
+    # (..., d_in) -> (..., length): position k reads feature k mod d_in
+    d_in = x.shape[-1]
+    if length == d_in:
+        return x
+    if length < d_in:
+        return x[..., :length]
+    index = torch.arange(d_in, length, device=x.device) % d_in
+    return torch.cat([x, x.index_select(-1, index)], dim=-1)
+
+
+def _chunk_groups(dim: int, size: int, device: torch.device) -> Tensor:
+    # (dim,) -> group of each feature: m chunks of q+1, then size-m chunks of q (authors' types 2-4)
+    q, m = divmod(dim, size)
+    i = torch.arange(dim, device=device)
+    split = m * (q + 1)
+    return torch.where(i < split, i // (q + 1), m + (i - split).clamp(min=0) // q)
+
+
+def _out_groups(grouping: str, d_out: int, size: int, device: torch.device) -> Tensor:
+    # (d_out,) -> row of M feeding each output feature
+    if grouping == "cyclic":
+        return torch.arange(d_out, device=device) % size
+    return _chunk_groups(d_out, size, device)
+
+
+def _compress_sharing(x: Tensor, size: int, grouping: str) -> Tensor:
+    # (..., d_in) -> (..., size)
+    d_in = x.shape[-1]
+    if grouping == "cyclic":
+        n = n_chunks(d_in, size)
+        return _wrap(x, n * size).reshape(*x.shape[:-1], n, size).sum(dim=-2)
+    q, m = divmod(d_in, size)
+    split = m * (q + 1)
+    long = x[..., :split].reshape(*x.shape[:-1], m, q + 1).sum(dim=-1)  # (..., m)
+    short = x[..., split:].reshape(*x.shape[:-1], size - m, q).sum(dim=-1)  # (..., size - m)
+    return torch.cat([long, short], dim=-1)
+
+
+def _decompress_sharing(y: Tensor, d_out: int, grouping: str) -> Tensor:
+    # (..., size) -> (..., d_out)
+    size = y.shape[-1]
+    if grouping == "cyclic":
+        reps = -(-d_out // size)
+        return y.unsqueeze(-2).expand(*y.shape[:-1], reps, size).reshape(*y.shape[:-1], reps * size)[..., :d_out]
+    return y.index_select(-1, _chunk_groups(d_out, size, y.device))
+
+
+def rotate_chunks(chunks: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # (..., s, size) * (s, size) -> (..., s, size): RoPE with rotate_half pairing
+    half = chunks.shape[-1] // 2
+    rotated_half = torch.cat((-chunks[..., half:], chunks[..., :half]), dim=-1)
+    return chunks * cos + rotated_half * sin
+
+
+def _chunk_weights(M: Tensor, s: int, compression: str, tables: tuple[Tensor, Tensor] | None) -> Tensor:
+    # (size, size) -> (s, size, size): the block P_c = M R_c acting on chunk c
+    if compression == "decouple":
+        return M.unsqueeze(0).expand(s, *M.shape)
+    cos, sin = _tables(M.shape[0], s, tables, M)
+    half = M.shape[1] // 2
+    M_swapped = torch.cat((M[:, half:], -M[:, :half]), dim=-1)  # column b <- the column rotate_half mixes into b
+    return M * cos[:, None, :] + M_swapped * sin[:, None, :]
+
+
+def _tables(size: int, s: int, tables: tuple[Tensor, Tensor] | None, like: Tensor) -> tuple[Tensor, Tensor]:
+    # cached or fresh rotation tables, first s rows, in like's dtype and device
+    cos, sin = tables if tables is not None else rope_tables(size, s, like.device)
+    if cos.shape[0] < s or cos.shape[1] != size:
+        raise ValueError(f"rope tables of shape {tuple(cos.shape)} do not cover {s} chunks of size {size}")
+    return cos[:s].to(device=like.device, dtype=like.dtype), sin[:s].to(device=like.device, dtype=like.dtype)
+
+
+def delta(
+    x: Tensor,
+    M: Tensor,
+    d_out: int,
+    compression: str,
+    tables: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """f_decomp(M @ f_comp(x)): (..., d_in) -> (..., d_out), computed in x's dtype.
+
+    `tables` are optional precomputed `rope_tables` (an nn.Module keeps them as buffers); without them they are
+    built on the fly.
+    """
+    d_in, size = x.shape[-1], M.shape[0]
+    check_shapes(d_in, d_out, size, compression)
+    if M.shape != (size, size):
+        raise ValueError(f"M must be square, got shape {tuple(M.shape)}")
+    if compression == "truncation":
+        y = x[..., :size] @ M.T  # (..., size)
+        return torch.nn.functional.pad(y, (0, d_out - size))
+    if compression in _SHARING_GROUPS:
+        grouping_in, grouping_out = _SHARING_GROUPS[compression]
+        y = _compress_sharing(x, size, grouping_in) @ M.T  # (..., size)
+        return _decompress_sharing(y, d_out, grouping_out)
+    s = surviving_chunks(d_in, d_out, size)
+    chunks = _wrap(x, s * size).reshape(*x.shape[:-1], s, size)  # (..., s, size)
+    if compression == "rope":
+        cos, sin = _tables(size, s, tables, x)
+        chunks = rotate_chunks(chunks, cos, sin)
+    y = (chunks @ M.T).reshape(*x.shape[:-1], s * size)  # (..., s * size)
+    if s * size >= d_out:
+        return y[..., :d_out]
+    return _decompress_sharing(y, d_out, "cyclic")
+
+
+def delta_weight(
+    M: Tensor,
+    d_in: int,
+    d_out: int,
+    compression: str,
+    tables: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """The (d_out, d_in) matrix dW with delta(x) == x @ dW.T, in M's dtype. Vectorised: no loop over features."""
+    size = M.shape[0]
+    check_shapes(d_in, d_out, size, compression)
+    if compression == "truncation":
+        dW = M.new_zeros(d_out, d_in)
+        dW[:size, :size] = M
+        return dW
+    if compression in _SHARING_GROUPS:
+        grouping_in, grouping_out = _SHARING_GROUPS[compression]
+        if grouping_in == "cyclic":
+            padded = n_chunks(d_in, size) * size
+            cols = _fold(M[:, torch.arange(padded, device=M.device) % size], d_in)  # (size, d_in)
+        else:
+            cols = M[:, _chunk_groups(d_in, size, M.device)]  # (size, d_in)
+        return cols[_out_groups(grouping_out, d_out, size, M.device)]  # (d_out, d_in)
+    s = surviving_chunks(d_in, d_out, size)
+    blocks = _chunk_weights(M, s, compression, tables)  # (s, size, size)
+    width = s * size
+    diag = torch.arange(s, device=M.device)
+    padded = M.new_zeros(s, size, s, size)
+    padded[diag, :, diag, :] = blocks
+    padded = padded.reshape(width, width)  # blockdiag(P_0, ..., P_{s-1})
+    rows = padded[:d_out] if width >= d_out else padded[torch.arange(d_out, device=M.device) % width]
+    return _fold(rows, d_in)
+
+
+def _fold(cols: Tensor, d_in: int) -> Tensor:
+    # (rows, padded) -> (rows, d_in): padded input position k adds into feature k mod d_in
+    padded = cols.shape[1]
+    if padded <= d_in:
+        return torch.nn.functional.pad(cols, (0, d_in - padded))
+    out = cols[:, :d_in].clone()
+    return out.index_add_(1, torch.arange(d_in, padded, device=cols.device) % d_in, cols[:, d_in:])

@@ -1,0 +1,67 @@
+"""Registers MoRA as a PEFT method. The one place that touches PEFT internals.
+
+PEFT's `register_peft_method` accepts only names that are members of its `PeftType` enum, and the enum has no MORA.
+`mora_peft_type()` adds the member once (guarded by the installed PEFT version), then `register()` registers
+MoraConfig / MoraModel under it, so that stock `get_peft_model`, `PeftModel.from_pretrained` and friends work.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import peft
+from packaging.version import Version
+from peft.utils import PeftType
+
+NAME = "mora"
+PEFT_MIN = Version("0.15.0")  # register_peft_method appeared in 0.15
+PEFT_TESTED = Version("0.21.2")
+
+
+def check_peft_version(version: str = peft.__version__) -> None:
+    """Refuse a PEFT without `register_peft_method`; warn on one newer than the tested release."""
+    installed = Version(version)
+    if installed < PEFT_MIN:
+        raise ImportError(f"mora needs peft>={PEFT_MIN} (register_peft_method); installed peft=={version}")
+    if Version(installed.base_version) > PEFT_TESTED:
+        warnings.warn(
+            f"mora was tested with peft=={PEFT_TESTED}; installed peft=={version}. If get_peft_model fails, "
+            f"pin peft=={PEFT_TESTED}.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def mora_peft_type() -> PeftType:
+    """PeftType.MORA, adding the member to PEFT's enum if this PEFT lacks it."""
+    key = NAME.upper()
+    if key in PeftType.__members__:
+        return PeftType[key]
+    member = str.__new__(PeftType, key)
+    member._name_ = key
+    member._value_ = key
+    member.__objclass__ = PeftType
+    member.__init__(key)
+    setattr(PeftType, key, member)
+    PeftType._member_map_[key] = member
+    PeftType._value2member_map_[key] = member
+    PeftType._member_names_.append(key)
+    return member
+
+
+def register(config_cls: type, model_cls: type) -> None:
+    """Register MoRA with PEFT once; a second call with the same classes is a no-op."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils import register_peft_method
+
+    check_peft_version()
+    peft_type = mora_peft_type()
+    registered = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
+    if registered is model_cls:
+        return
+    if registered is not None:
+        raise ImportError(
+            f"PEFT already has a method named {NAME!r} ({registered.__module__}.{registered.__name__}); "
+            "mora-lab's MoRA cannot be registered beside it"
+        )
+    register_peft_method(name=NAME, config_cls=config_cls, model_cls=model_cls, prefix=model_cls.prefix)

@@ -1,0 +1,218 @@
+"""The pure MoRA math: r_hat, delta == x @ delta_weight.T, parity with the authors' code, ranks, dtypes, errors."""
+
+import pytest
+import torch
+
+from mora.adapters.mora import (
+    COMPRESSIONS,
+    OFFICIAL_TYPES,
+    check_shapes,
+    delta,
+    delta_weight,
+    r_hat,
+    rope_tables,
+    surviving_chunks,
+)
+from tests.adapters.authors_reference import authors_delta_weight, authors_forward
+
+# (d_in, d_out, r_hat): equal, in < out, in > out, r_hat not dividing either, many/one chunk(s)
+SHAPES = [
+    (32, 32, 8),
+    (24, 40, 6),
+    (40, 24, 6),
+    (30, 45, 8),
+    (45, 30, 8),
+    (37, 19, 6),
+    (19, 37, 6),
+    (64, 12, 10),
+    (12, 64, 10),
+]
+
+
+def _valid(compression, d_in, d_out, size):
+    try:
+        check_shapes(d_in, d_out, size, compression)
+    except ValueError:
+        return False
+    return True
+
+
+CASES = [(c, *s) for c in COMPRESSIONS for s in SHAPES if _valid(c, *s)]
+
+
+def test_every_operator_is_covered_on_every_edge_shape():
+    for compression in COMPRESSIONS:
+        covered = {(d_in > d_out) - (d_in < d_out) for c, d_in, d_out, _ in CASES if c == compression}
+        assert covered == {-1, 0, 1}, compression
+
+
+@pytest.mark.parametrize("compression,d_in,d_out,size", CASES)
+def test_delta_equals_x_times_delta_weight_against_float64(compression, d_in, d_out, size):
+    torch.manual_seed(0)
+    M64 = torch.randn(size, size, dtype=torch.float64)
+    x64 = torch.randn(2, 3, d_in, dtype=torch.float64)
+    reference = x64 @ delta_weight(M64, d_in, d_out, compression).T
+    assert torch.allclose(delta(x64, M64, d_out, compression), reference, atol=1e-12)
+    out32 = delta(x64.float(), M64.float(), d_out, compression)
+    assert out32.shape == (2, 3, d_out) and out32.dtype == torch.float32
+    assert torch.allclose(out32.double(), reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mora_type,compression", sorted(OFFICIAL_TYPES.items()))
+@pytest.mark.parametrize("d_in,d_out,size", SHAPES)
+def test_parity_with_the_authors_code(mora_type, compression, d_in, d_out, size):
+    if not _valid(compression, d_in, d_out, size):
+        pytest.skip("the operator refuses this shape")
+    torch.manual_seed(1)
+    M = torch.randn(size, size, dtype=torch.float64)
+    x = torch.randn(4, d_in, dtype=torch.float64)
+    assert torch.allclose(delta(x, M, d_out, compression), authors_forward(x, M, d_out, mora_type), atol=1e-12)
+    if mora_type == 6 and d_in <= size:
+        pytest.skip("the authors' rope merge crashes with a single chunk")
+    expected = authors_delta_weight(M, d_in, d_out, mora_type)
+    assert torch.allclose(delta_weight(M, d_in, d_out, compression), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("mora_type,compression", sorted(OFFICIAL_TYPES.items()))
+def test_parity_in_bfloat16(mora_type, compression):
+    torch.manual_seed(2)
+    d_in, d_out, size = 40, 24, 6
+    M = torch.randn(size, size).bfloat16()
+    x = torch.randn(5, d_in).bfloat16()
+    ours, theirs = delta(x, M, d_out, compression), authors_forward(x, M, d_out, mora_type)
+    assert ours.dtype == torch.bfloat16
+    assert torch.allclose(ours.float(), theirs.float(), atol=0.1, rtol=0.02)
+
+
+def test_official_types_map_to_names():
+    assert OFFICIAL_TYPES[1] == "sharing" and OFFICIAL_TYPES[6] == "rope"
+    assert set(OFFICIAL_TYPES) == {1, 2, 3, 4, 6}
+    assert set(OFFICIAL_TYPES.values()) <= set(COMPRESSIONS)
+    assert {"truncation", "sharing", "decouple", "rope"} <= set(COMPRESSIONS)
+
+
+@pytest.mark.parametrize(
+    "d_in,d_out,r,compression,expected",
+    [
+        (4096, 4096, 8, "rope", 256),
+        (4096, 11008, 8, "rope", 348),
+        (11008, 4096, 8, "rope", 348),
+        (4096, 4096, 256, "sharing", 1448),
+        (4096, 11008, 256, "sharing", 1966),
+        (768, 768, 128, "sharing", 443),  # 250M attention (PAPER.md §3.4)
+        (768, 2560, 128, "sharing", 653),  # 250M MLP
+        (2048, 2048, 128, "sharing", 724),
+        (2048, 5461, 128, "sharing", 980),
+    ],
+)
+def test_r_hat_official(d_in, d_out, r, compression, expected):
+    assert r_hat(d_in, d_out, r, compression) == expected
+
+
+def test_r_hat_paper_floors_and_rope_is_even():
+    assert r_hat(4096, 11008, 8, "sharing", rounding="paper") == 347
+    assert r_hat(4096, 11008, 8, "sharing") == 348
+    assert r_hat(4096, 11008, 8, "rope", rounding="paper") == 346
+    for d in range(2, 60):
+        assert r_hat(d, d + 3, 3, "rope") % 2 == 0
+
+
+def test_decouple_is_rope_without_rotation():
+    torch.manual_seed(3)
+    M, x = torch.randn(6, 6, dtype=torch.float64), torch.randn(2, 40, dtype=torch.float64)
+    cos, sin = rope_tables(6, 7)
+    identity = (torch.ones_like(cos), torch.zeros_like(sin))
+    assert torch.allclose(delta(x, M, 24, "rope", identity), delta(x, M, 24, "decouple"))
+    assert not torch.allclose(delta(x, M, 24, "rope", (cos, sin)), delta(x, M, 24, "decouple"))
+
+
+def test_fresh_adapter_is_a_no_op():
+    for compression, d_in, d_out, size in CASES:
+        M = torch.zeros(size, size)
+        assert torch.count_nonzero(delta(torch.randn(3, d_in), M, d_out, compression)) == 0
+        assert torch.count_nonzero(delta_weight(M, d_in, d_out, compression)) == 0
+
+
+@pytest.mark.parametrize(
+    "compression,d_in,d_out,size,rank",
+    [
+        ("sharing", 48, 48, 8, 8),
+        ("sharing", 30, 50, 8, 8),
+        ("sharing_chunked", 30, 50, 8, 8),
+        ("sharing_chunked_in", 50, 30, 8, 8),
+        ("sharing_chunked_out", 50, 30, 8, 8),
+        ("truncation", 48, 40, 8, 8),
+        ("rope", 48, 48, 8, 48),  # high rank: up to min(d_in, d_out)
+        ("rope", 48, 32, 8, 32),
+        ("rope", 32, 48, 8, 32),
+        ("decouple", 48, 48, 8, 48),
+    ],
+)
+def test_rank_of_delta_weight(compression, d_in, d_out, size, rank):
+    torch.manual_seed(4)
+    dW = delta_weight(torch.randn(size, size, dtype=torch.float64), d_in, d_out, compression)
+    assert torch.linalg.matrix_rank(dW).item() == rank
+
+
+def test_only_surviving_chunks_are_computed():
+    # 11008 -> 4096 at r_hat=348: 32 input chunks, 12 reach the output
+    assert surviving_chunks(11008, 4096, 348) == 12
+    assert surviving_chunks(4096, 11008, 348) == 12
+    torch.manual_seed(5)
+    M, x = torch.randn(6, 6, dtype=torch.float64), torch.randn(3, 60, dtype=torch.float64)
+    dW = delta_weight(M, 60, 13, "rope")
+    assert torch.count_nonzero(dW[:, 18:]) == 0  # ceil(13/6) = 3 chunks -> input columns 0..17
+    assert torch.allclose(delta(x, M, 13, "rope"), x @ dW.T)
+
+
+@pytest.mark.parametrize("compression", ["sharing", "rope", "decouple"])
+def test_r_hat_above_the_input_size(compression):
+    # the authors' forward crashes when r_hat > 2 * d_in and their rope merge when r_hat >= d_in
+    torch.manual_seed(6)
+    for d_in, d_out, size in [(5, 30, 12), (5, 7, 12), (12, 12, 12), (3, 40, 20)]:
+        M, x = torch.randn(size, size, dtype=torch.float64), torch.randn(2, d_in, dtype=torch.float64)
+        assert torch.allclose(delta(x, M, d_out, compression), x @ delta_weight(M, d_in, d_out, compression).T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_dtypes(dtype, compression):
+    torch.manual_seed(7)
+    d_in, d_out, size = 40, 48, 8
+    M64, x64 = torch.randn(size, size, dtype=torch.float64), torch.randn(6, d_in, dtype=torch.float64)
+    reference = delta(x64, M64, d_out, compression)
+    out = delta(x64.to(dtype), M64.to(dtype), d_out, compression)
+    dW = delta_weight(M64.to(dtype), d_in, d_out, compression)
+    assert out.dtype == dtype and dW.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    scale = reference.abs().max()
+    assert (out.double() - reference).abs().max() <= tol * scale * 4
+    assert (x64 @ dW.double().T - reference).abs().max() <= tol * scale * 4
+
+
+def test_vectorised_delta_weight_is_fast_on_llama_shapes():
+    # the authors loop over 11008 features (type 1) and 32 chunks (type 6); ours is a few tensor ops
+    M = torch.randn(348, 348)
+    for compression in ("sharing", "rope"):
+        assert delta_weight(M, 11008, 4096, compression).shape == (4096, 11008)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: r_hat(8, 8, 0, "sharing"), "r must be a positive integer"),
+        (lambda: r_hat(8, 8, -2, "rope"), "r must be a positive integer"),
+        (lambda: r_hat(8, 8, 2, "rotation"), "unknown compression 'rotation'"),
+        (lambda: r_hat(8, 8, 2, 6), r"mora_type=6 is compression='rope'"),
+        (lambda: r_hat(8, 8, 2, "rope", rounding="ceil"), "unknown rounding"),
+        (lambda: check_shapes(8, 8, 7, "rope"), "even r_hat"),
+        (lambda: check_shapes(8, 20, 10, "truncation"), "truncation .* r_hat <= min"),
+        (lambda: check_shapes(8, 20, 10, "sharing_chunked"), "r_hat <= 8"),
+        (lambda: check_shapes(20, 8, 10, "sharing_chunked_out"), "r_hat <= 8"),
+        (lambda: delta(torch.randn(2, 8), torch.randn(7, 7), 8, "rope"), "even r_hat"),
+        (lambda: delta(torch.randn(2, 8), torch.randn(4, 4), 8, "decoupled"), "unknown compression"),
+    ],
+)
+def test_invalid_input_raises_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
