@@ -1,0 +1,71 @@
+"""Smoke run: every adapter method on every task of the engine for a few steps on the tiny profile, then a check
+that each run folder is complete (config.yaml, env.json, metrics.jsonl, adapter/, summary.json finished).
+
+    python scripts/smoke.py [--steps 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from mora.adapters.build import METHODS
+from mora.paths import CONFIG_DIR
+from mora.training.run import TASKS, run
+
+RUN_FILES = ("config.yaml", "env.json", "metrics.jsonl", "summary.json")
+
+
+def smoke_overrides(method: str, task: str, steps: int, run_dir: Path) -> list[str]:
+    overrides = [
+        f"adapter={method}",
+        f"task={task}",
+        f"train.steps={steps}",
+        f"train.eval_steps=[{steps}]",
+        "task.n_pairs=16",
+        "train.global_batch=8",
+        "train.micro_batch=4",
+        "train.log_every=1",
+        "train.progress=false",
+        f"run.dir={run_dir}",
+    ]
+    if method in ("relora", "remora"):
+        overrides += ["adapter.restart.every=2", "adapter.restart.warmup=1"]
+    if method == "remora":
+        overrides += ["adapter.r=2"]
+    return overrides
+
+
+def check_run_folder(path: Path) -> list[str]:
+    """What is missing or wrong in a run folder (empty when complete)."""
+    problems = [f"{name} missing" for name in RUN_FILES if not (path / name).is_file()]
+    if not (path / "adapter").is_dir() or not any((path / "adapter").iterdir()):
+        problems.append("adapter/ missing or empty")
+    if (path / "summary.json").is_file() and json.loads((path / "summary.json").read_text())["status"] != "finished":
+        problems.append("summary.json status is not finished")
+    return problems
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    failed = 0
+    with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        for task in TASKS:
+            for method in METHODS:
+                folder = Path(tmp) / f"{task}-{method}"
+                run(compose(config_name="train", overrides=smoke_overrides(method, task, args.steps, folder)))
+                problems = check_run_folder(folder)
+                failed += bool(problems)
+                print(f"{task:6s} {method:9s} {'ok' if not problems else '; '.join(problems)}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
