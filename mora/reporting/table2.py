@@ -80,10 +80,10 @@ def write_csv(path: Path, chosen: dict[str, list[dict[str, Any]]]) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
-        for cell, (method, rank, params, accs) in PAPER_ROWS.items():
+        for method, rank, params, accs in PAPER_ROWS.values():
             for step, acc in zip(PAPER_STEPS, accs, strict=True):
                 writer.writerow(["paper", method, rank, params, step, acc, ""])
-        for cell, group in chosen.items():
+        for group in chosen.values():
             for run in sorted(group, key=lambda r: r["summary"]["seed"]):
                 s = run["summary"]
                 for step, acc in sorted(_acc_by_step(run).items()):
@@ -114,7 +114,7 @@ def write_markdown(path: Path, chosen: dict[str, list[dict[str, Any]]], profile:
         + " | our rank | "
         + " | ".join(f"ours {s}" for s in steps)
         + " | LR | seeds | trainable (ours) |",
-        "|---" * (4 + len(PAPER_STEPS) + len(steps) + 3) + "|",
+        "|---" * (3 + len(PAPER_STEPS) + len(steps) + 3) + "|",
     ]
     for cell in cells:
         name = cell["name"]

@@ -19,7 +19,6 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 ALPHABET = "0123456789abcdef-:"
 SEPARATOR = ":"
-UUID_CHARS = 36
 
 
 def generate_pairs(n: int, seed: int) -> list[tuple[str, str]]:
@@ -108,20 +107,28 @@ class UuidTask:
         was_training = model.training
         model.eval()
         tok = self.tokenizer
-        correct_chars, exact = 0, 0
+        texts: list[str] = []
         for start in range(0, len(self.pairs), batch_size):
             chunk = self.pairs[start : start + batch_size]
             prompts = [[tok.bos_token_id, *tok(k + SEPARATOR, add_special_tokens=False).input_ids] for k, _ in chunk]
             targets = [v for _, v in chunk]
             max_new = max(len(tok(v, add_special_tokens=False).input_ids) for v in targets) + 1
             generated = greedy_generate(model, prompts, max_new, tok.pad_token_id, tok.eos_token_id)
-            for out, value in zip(generated, targets, strict=True):
-                text = tok.decode(out, skip_special_tokens=True)
-                correct_chars += sum(a == b for a, b in zip(text, value, strict=False))
-                exact += text[: len(value)] == value
+            texts += [tok.decode(out, skip_special_tokens=True) for out in generated]
         model.train(was_training)
-        n = len(self.pairs)
-        return {"char_acc": 100.0 * correct_chars / (n * UUID_CHARS), "exact": 100.0 * exact / n}
+        return char_accuracy(texts, [v for _, v in self.pairs])
+
+
+def char_accuracy(generated: list[str], values: list[str]) -> dict[str, float]:
+    """Character-level accuracy: per pair, the share of the value's characters that the generation has at the same
+    position (missing characters count as wrong, extra ones are ignored), averaged over pairs; and exact match."""
+    if len(generated) != len(values) or not values:
+        raise ValueError(f"need one generation per value, got {len(generated)} for {len(values)}")
+    per_pair = [
+        sum(a == b for a, b in zip(g, v, strict=False)) / len(v) for g, v in zip(generated, values, strict=True)
+    ]
+    exact = [g[: len(v)] == v for g, v in zip(generated, values, strict=True)]
+    return {"char_acc": 100.0 * sum(per_pair) / len(values), "exact": 100.0 * sum(exact) / len(values)}
 
 
 def greedy_generate(

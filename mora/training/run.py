@@ -26,9 +26,10 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mora.adapters.build import METHODS, build_adapter
-from mora.models import build_model
+from mora.models import build_model, ensure_local
 from mora.paths import REPO_ROOT
 from mora.tasks.uuid import UuidTask, char_tokenizer, collate
 from mora.training.restarts import jagged_factor, schedule_factor
@@ -59,6 +60,16 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     bad_steps = [s for s in t.eval_steps if not 0 < s <= t.steps]
     if bad_steps:
         raise ValueError(f"train.eval_steps {bad_steps} fall outside 1..train.steps={t.steps}")
+
+
+def load_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
+    """The model's own tokenizer for a hub / local model; the project's character tokenizer for random-init ones."""
+    if not cfg.model.pretrained:
+        return char_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(ensure_local(str(cfg.model.pretrained), "tokenizer"))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
 
 
 def run_dir(cfg: DictConfig, accelerator: Accelerator) -> Path:
@@ -171,7 +182,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog) -> dict[str, Any]:
     t = cfg.train
     torch.manual_seed(cfg.seed)
-    tokenizer = char_tokenizer()
+    tokenizer = load_tokenizer(cfg)
     task = UuidTask(cfg.task.n_pairs, cfg.task.data_seed, tokenizer)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     if not model_cfg.get("pretrained"):

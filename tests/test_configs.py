@@ -1,0 +1,73 @@
+"""Every experiment composes under every profile; the paper profile builds LLaMA-2-7B on the meta device."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from mora.adapters.build import build_adapter
+from mora.models import build_model
+from mora.paths import CONFIG_DIR
+from mora.training.run import validate
+
+EXPERIMENTS = [None] + sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+PROFILES = sorted(p.stem for p in (CONFIG_DIR / "profile").glob("*.yaml"))
+ADAPTERS = sorted(p.stem for p in (CONFIG_DIR / "adapter").glob("*.yaml"))
+
+
+def _compose(*overrides):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_every_composition_validates(experiment, profile, adapter):
+    overrides = [f"profile={profile}", f"adapter={adapter}"] + ([f"experiment={experiment}"] if experiment else [])
+    cfg = _compose(*overrides)
+    world = 8 if profile == "paper" else 1
+    validate(cfg, world)
+    if experiment == "table2":
+        assert {c["name"] for c in cfg.grid[profile]} == {"fft", "lora-r8", "mora-r8", "lora-r256", "mora-r256"}
+
+
+def test_table2_paper_profile_is_the_papers_setup():
+    cfg = _compose("profile=paper", "experiment=table2")
+    assert cfg.model.pretrained == "meta-llama/Llama-2-7b-hf" and cfg.model.dtype == "bfloat16"
+    assert cfg.task.n_pairs == 10_000 and cfg.train.global_batch == 1000 and cfg.train.steps == 1000
+    assert list(cfg.train.eval_steps) == [300, 500, 700, 900]
+    lrs = {c["name"]: c["lrs"] for c in cfg.grid.paper}
+    assert lrs["fft"] == [3e-5] and lrs["lora-r8"] == [1e-4, 2e-4, 3e-4] and lrs["mora-r256"] == [5e-5, 1e-4, 2e-4]
+
+
+@pytest.mark.parametrize(
+    "adapter,r,compression,trainable",
+    [
+        ("lora", 8, None, 19_988_480),
+        ("mora", 8, "rope", 20_014_592),
+        ("lora", 256, None, 639_631_360),
+        ("mora", 256, "sharing", 639_433_088),
+    ],
+)
+def test_paper_profile_builds_llama2_7b_on_meta(adapter, r, compression, trainable):
+    overrides = ["profile=paper", f"adapter={adapter}", f"adapter.r={r}"]
+    if compression:
+        overrides.append(f"adapter.compression={compression}")
+    cfg = _compose(*overrides)
+    model = build_model(cfg.model, meta=True)
+    assert sum(p.numel() for p in model.parameters()) == 6_738_415_616
+    assert build_adapter(model, cfg.adapter).trainable_parameters() == trainable
+
+
+def test_model_configs_match_the_authors_pretraining_configs():
+    for name, hidden, inter in (("llama_250m", 768, 2560), ("llama_1b", 2048, 5461)):
+        cfg = _compose(f"model={name}")
+        assert cfg.model.config.hidden_size == hidden and cfg.model.config.intermediate_size == inter
+        assert cfg.model.config.num_hidden_layers == 24 and cfg.model.config.vocab_size == 32100
+    model = build_model(_compose("model=llama_250m").model, meta=True)
+    assert 247e6 < sum(p.numel() for p in model.parameters()) < 248e6  # PAPER.md §2.5: ~247.5M
+
+
+def test_paths_exist():
+    assert Path(CONFIG_DIR / "train.yaml").is_file()
