@@ -86,7 +86,7 @@ def test_merge_unmerge_and_merged_outputs(tiny_llama, compression):
     assert torch.allclose(_logits(merged), unmerged, atol=1e-5)
 
 
-@pytest.mark.parametrize("compression", ["rope", "sharing"])
+@pytest.mark.parametrize("compression", LLAMA_OPERATORS)
 def test_save_load_roundtrip(tiny_llama, tmp_path, compression):
     model = get_peft_model(tiny_llama(), _config(compression))
     _randomise(model)
@@ -96,7 +96,11 @@ def test_save_load_roundtrip(tiny_llama, tmp_path, compression):
     assert config["peft_type"] == "MORA" and config["compression"] == compression and config["r"] == 2
     assert "sqrt((d_in + d_out) * r)" in config["r_hat_rule"]
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
-    assert torch.equal(_logits(loaded), expected)
+    for name, M in model.named_parameters():
+        if "mora_M" in name:
+            assert torch.equal(loaded.get_parameter(name), M), name  # the weights round-trip bit for bit
+    # outputs to float32 rounding (CPU matmul kernels may differ with the loaded tensors' alignment)
+    assert torch.allclose(_logits(loaded), expected, atol=1e-6, rtol=0)
 
 
 def test_weights_file_holds_M_once(tiny_llama, tmp_path):
