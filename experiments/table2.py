@@ -9,8 +9,8 @@ Finished runs are kept in runs/table2/<profile>/ and skipped when the command is
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -24,7 +24,24 @@ from mora.reporting.table2 import write_results
 PROFILES = ("tiny", "paper")
 
 
-def cell_overrides(cell: dict, lr: float, seed: int, profile: str, run_dir: Path) -> list[str]:
+def base_overrides(base: dict, profile: str, run_dir: Path) -> list[str]:
+    """The pretraining run of the tiny profile's base model: FFT on other pairs (data_seed differs)."""
+    return [
+        f"profile={profile}",
+        "experiment=table2",
+        "adapter=fft",
+        f"task.n_pairs={base['n_pairs']}",
+        f"task.data_seed={base['data_seed']}",
+        f"train.steps={base['steps']}",
+        f"train.eval_steps=[{base['steps']}]",
+        f"train.lr={base['lr']}",
+        f"seed={base['seed']}",
+        f"run.dir={run_dir}",
+        "train.progress=false",
+    ]
+
+
+def cell_overrides(cell: dict, lr: float, seed: int, profile: str, run_dir: Path, base: Path | None) -> list[str]:
     overrides = [
         f"profile={profile}",
         "experiment=table2",
@@ -37,6 +54,8 @@ def cell_overrides(cell: dict, lr: float, seed: int, profile: str, run_dir: Path
     for key in ("r", "alpha", "compression"):
         if key in cell:
             overrides.append(f"adapter.{key}={cell[key]}")
+    if base is not None:
+        overrides.append(f"model.pretrained={base}")
     return overrides
 
 
@@ -45,9 +64,15 @@ def compose_cfg(overrides: list[str]):
         return compose(config_name="train", overrides=overrides)
 
 
-def grid(profile: str) -> list[dict]:
+def grid(profile: str) -> tuple[list[dict], dict | None]:
+    """The cells of the profile and its base-model pretraining (None: the profile's model is the base)."""
     cfg = compose_cfg([f"profile={profile}", "experiment=table2"])
-    return OmegaConf.to_container(cfg.grid[profile], resolve=True)
+    return OmegaConf.to_container(cfg.grid[profile], resolve=True), OmegaConf.to_container(cfg.base)[profile]
+
+
+def finished(run_dir: Path) -> bool:
+    summary = run_dir / "summary.json"
+    return summary.exists() and json.loads(summary.read_text()).get("status") == "finished"
 
 
 def run_one(overrides: list[str], threads: int) -> str:
@@ -72,18 +97,23 @@ def main() -> None:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
     root = args.runs / args.profile
+    cells, base = grid(args.profile)
+    threads = max(1, (os.cpu_count() or 2) // args.jobs)
+    base_dir = None
+    if base is not None:
+        base_dir = root / "base"
+        if not finished(base_dir):
+            print(f"table2 ({args.profile}): training the base model in {base_dir}", flush=True)
+            print(run_one(base_overrides(base, args.profile, base_dir), os.cpu_count() or 1), flush=True)
+        base_dir = base_dir / "adapter"
     todo: list[list[str]] = []
-    for cell in grid(args.profile):
+    for cell in cells:
         for lr in cell["lrs"]:
             for seed in args.seeds:
                 run_dir = root / f"{cell['name']}-lr{lr:g}-s{seed}"
-                if (run_dir / "summary.json").exists() and '"finished"' in (run_dir / "summary.json").read_text():
-                    continue
-                if run_dir.exists():
-                    shutil.rmtree(run_dir)  # an unfinished run is started again from scratch
-                todo.append(cell_overrides(cell, lr, seed, args.profile, run_dir))
+                if not finished(run_dir):  # an unfinished run resumes from its last checkpoint
+                    todo.append(cell_overrides(cell, lr, seed, args.profile, run_dir, base_dir))
     print(f"table2 ({args.profile}): {len(todo)} runs to do in {root}", flush=True)
-    threads = max(1, (os.cpu_count() or 2) // args.jobs)
     if args.jobs == 1:
         for overrides in todo:
             print(run_one(overrides, threads), flush=True)
@@ -91,7 +121,7 @@ def main() -> None:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             for line in pool.map(run_one, todo, [threads] * len(todo)):
                 print(line, flush=True)
-    paths = write_results(root, args.out, args.profile, grid(args.profile))
+    paths = write_results(root, args.out, args.profile, cells)
     print("wrote " + ", ".join(map(str, paths)))
 
 

@@ -109,6 +109,11 @@ def write_markdown(path: Path, chosen: dict[str, list[dict[str, Any]]], profile:
         "learning rate of each cell's grid with the best mean accuracy). Built by `mora.reporting.table2` from the",
         "run folders copied to `runs/`; each holds its config.yaml, summary.json and metrics.jsonl.",
         "",
+        *(
+            [f"Every cell starts from the base model trained in `runs/{profile}/base/` (see its config.yaml).", ""]
+            if any(r["config"]["model"].get("pretrained") for g in chosen.values() for r in g) and profile == "tiny"
+            else []
+        ),
         "| Method | paper rank | paper "
         + " | paper ".join(map(str, PAPER_STEPS))
         + " | our rank | "

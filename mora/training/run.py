@@ -1,43 +1,53 @@
 """run(cfg): one training run as a self-describing folder (STYLE.md).
 
-    runs/<experiment>/<method>-r<r>-s<seed>-<time>/
-      config.yaml  env.json  metrics.jsonl  adapter/  summary.json (also on failure)
+    runs/<experiment>/<method>-r<r>-s<seed>-<config hash>/
+      config.yaml  env.json  metrics.jsonl  checkpoints/  adapter/  summary.json (also on failure)
+
+The folder name is a function of the resolved config, so the same command finds the same folder: a killed run
+started again resumes from its last complete checkpoint; a finished one is refused, never overwritten.
 
 The user sets the global batch; micro-batch x processes x accumulation derive from it. The loss is normalised per
-label token over the whole global batch, so 1 process and N processes (or any accumulation) give the same update.
+label token over the whole global batch, so 1 process and N processes (or any accumulation) take the same update.
 Only rank 0 writes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mora.adapters.build import METHODS, build_adapter
+from mora.adapters.peft_tuner import MoraLayer
 from mora.models import build_model, ensure_local
 from mora.paths import REPO_ROOT
 from mora.tasks.uuid import UuidTask, char_tokenizer, collate
 from mora.training.restarts import jagged_factor, schedule_factor
 
 TASKS = ("uuid",)
+CHECKPOINT_STATE = "state.json"  # written last: a checkpoint folder without it is incomplete
 
 
-def validate(cfg: DictConfig, world_size: int = 1) -> None:
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def validate(cfg: DictConfig, world: int = 1) -> None:
     """Every check that needs no model: one clear ValueError per bad value, before any work."""
     if cfg.adapter.method not in METHODS:
         raise ValueError(f"unknown adapter.method {cfg.adapter.method!r}; choose one of {', '.join(METHODS)}")
@@ -52,14 +62,44 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         raise ValueError(f"train.lr must be positive, got {t.lr}")
     if t.steps <= 0:
         raise ValueError(f"train.steps must be positive, got {t.steps}")
-    if t.global_batch % (t.micro_batch * world_size):
+    if t.micro_batch <= 0 or t.global_batch % (t.micro_batch * world):
         raise ValueError(
             f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch} x "
-            f"{world_size} processes; choose a global batch that is a multiple of {t.micro_batch * world_size}"
+            f"{world} processes; choose a global batch that is a multiple of {t.micro_batch * world}"
         )
     bad_steps = [s for s in t.eval_steps if not 0 < s <= t.steps]
     if bad_steps:
         raise ValueError(f"train.eval_steps {bad_steps} fall outside 1..train.steps={t.steps}")
+    if t.checkpoint_every < 0:
+        raise ValueError(f"train.checkpoint_every must be >= 0 (0: no checkpoints), got {t.checkpoint_every}")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of what determines the run's numbers (everything but run.*, train.progress and wandb.*)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("run", "wandb", "grid"):
+        data.pop(key, None)
+    data["train"].pop("progress", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def run_dir(cfg: DictConfig, accelerator: Accelerator) -> Path:
+    """The run folder, decided on rank 0 and broadcast (every rank writes to the same place)."""
+    if cfg.run.dir:
+        path = Path(str(cfg.run.dir))
+    else:
+        a = cfg.adapter
+        rank = f"-r{a.r}" if a.method != "fft" else ""
+        name = f"{a.method}{rank}-s{cfg.seed}-{config_hash(cfg)}"
+        path = REPO_ROOT / cfg.run.root / str(cfg.run.experiment) / name
+    chosen = [str(path)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(chosen, from_process=0)
+    path = Path(chosen[0])
+    summary = path / "summary.json"
+    if summary.exists() and json.loads(summary.read_text()).get("status") == "finished":
+        raise ValueError(f"run.dir {path} already holds a finished run; choose another run.dir or delete it")
+    return path
 
 
 def load_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
@@ -72,30 +112,11 @@ def load_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def run_dir(cfg: DictConfig, accelerator: Accelerator) -> Path:
-    """The run folder, decided on rank 0 and broadcast (every rank writes to the same place)."""
-    if cfg.run.dir:
-        path = Path(str(cfg.run.dir))
-    else:
-        a = cfg.adapter
-        rank = f"-r{a.r}" if a.method != "fft" else ""
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = REPO_ROOT / cfg.run.root / str(cfg.run.experiment) / f"{a.method}{rank}-s{cfg.seed}-{stamp}"
-    chosen = [str(path)]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(chosen, from_process=0)
-    path = Path(chosen[0])
-    summary = path / "summary.json"
-    if summary.exists() and json.loads(summary.read_text()).get("status") == "finished":
-        raise ValueError(f"run.dir {path} already holds a finished run; choose another run.dir or delete it")
-    return path
-
-
-def make_accelerator() -> Accelerator:
-    # On CPU, accelerate + DeepSpeed needs an explicit gloo group (ENV-NOTES.md §3).
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    kwargs = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
-    return Accelerator(kwargs_handlers=kwargs)
+def make_accelerator(accumulation: int) -> Accelerator:
+    # On CPU, accelerate + DeepSpeed needs an explicit gloo group (ENV-NOTES.md §3); in one process it must not.
+    distributed = world_size() > 1 and not torch.cuda.is_available()
+    kwargs = [InitProcessGroupKwargs(backend="gloo")] if distributed else []
+    return Accelerator(gradient_accumulation_steps=accumulation, kwargs_handlers=kwargs)
 
 
 def environment(accelerator: Accelerator) -> dict[str, Any]:
@@ -118,7 +139,7 @@ def environment(accelerator: Accelerator) -> dict[str, Any]:
         "peft": peft.__version__,
         "accelerate": accelerate.__version__,
         "platform": platform.platform(),
-        "cpus": torch.get_num_threads(),
+        "threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "world_size": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type),
@@ -133,15 +154,27 @@ def lr_factor(cfg: DictConfig, restarts_every: int | None, restart_warmup: int):
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per event (rank 0 only)."""
+    """metrics.jsonl (one JSON object per event) and, if enabled, W&B; rank 0 only."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, wandb_run: Any = None) -> None:
+        self.path, self.enabled, self.wandb_run = path, enabled, wandb_run
+
+    def truncate_after(self, step: int) -> list[dict[str, Any]]:
+        """On resume: drop what a killed run logged after its checkpoint; return what is kept."""
+        if not self.path.exists():
+            return []
+        kept = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= step]
+        if self.enabled:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        return kept
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
 
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -152,21 +185,42 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     )
 
 
+def start_wandb(cfg: DictConfig, out: Path, main: bool) -> Any:
+    """A W&B run on rank 0 (offline unless wandb.mode=online), grouped by sweep / experiment."""
+    mode = os.environ.get("WANDB_MODE") or cfg.wandb.mode
+    if not main or mode == "disabled":
+        return None
+    import wandb
+
+    return wandb.init(
+        project=cfg.wandb.project,
+        group=cfg.wandb.group or str(cfg.run.experiment),
+        name=out.name,
+        id=f"{out.parent.name}-{out.name}"[-128:].replace("/", "-"),
+        resume="allow",
+        dir=str(out),
+        mode=mode,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train cfg.adapter on cfg.task with cfg.model; returns the summary (also written to summary.json)."""
-    accelerator = make_accelerator()
-    validate(cfg, accelerator.num_processes)
+    world = world_size()
+    validate(cfg, world)
+    accelerator = make_accelerator(cfg.train.global_batch // (cfg.train.micro_batch * world))
     out = run_dir(cfg, accelerator)
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (out / "env.json").write_text(json.dumps(environment(accelerator), indent=2))
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
     summary: dict[str, Any] = {"status": "running", "method": cfg.adapter.method, "seed": cfg.seed}
     started = time.time()
+    wandb_run = start_wandb(cfg, out, main)
     try:
-        summary.update(_train(cfg, accelerator, out, MetricsLog(out / "metrics.jsonl", main)))
+        summary.update(_train(cfg, accelerator, out, MetricsLog(out / "metrics.jsonl", main, wandb_run)))
         summary["status"] = "finished"
     except BaseException as error:
         summary.update(status="failed", error=f"{type(error).__name__}: {error}")
@@ -176,7 +230,46 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         if main:
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if wandb_run is not None:
+            wandb_run.finish(exit_code=0 if summary["status"] == "finished" else 1)
     return summary
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    complete = [p for p in (out / "checkpoints").glob("step-*") if (p / CHECKPOINT_STATE).exists()]
+    return max(complete, key=lambda p: int(p.name.removeprefix("step-")), default=None)
+
+
+def save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, out: Path, step: int, extra: dict) -> None:
+    """accelerate state (model, optimizer, scheduler, RNG) + our state, written to a temp folder then renamed, so
+    a kill at any moment leaves the previous checkpoint intact. Keeps the last two."""
+    root = out / "checkpoints"
+    tmp, final = root / f"tmp-step-{step}", root / f"step-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        compressions = {
+            name: dict(layer.mora_compression)
+            for name, layer in accelerator.unwrap_model(model).named_modules()
+            if isinstance(layer, MoraLayer)
+        }
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps({"step": step, "compressions": compressions, **extra}))
+        tmp.rename(final)
+        for old in sorted(root.glob("step-*"), key=lambda p: int(p.name.removeprefix("step-")))[:-2]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator: Accelerator, model: torch.nn.Module, path: Path) -> dict[str, Any]:
+    state = json.loads((path / CHECKPOINT_STATE).read_text())
+    layers = dict(accelerator.unwrap_model(model).named_modules())
+    for name, compressions in state["compressions"].items():
+        for adapter, compression in compressions.items():
+            layers[name].set_compression(adapter, compression)
+    accelerator.load_state(str(path))
+    return state
 
 
 def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog) -> dict[str, Any]:
@@ -189,21 +282,38 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
         model_cfg["config"]["vocab_size"] = len(tokenizer)
     model = build_model(model_cfg, seed=cfg.seed)
     adapted = build_adapter(model, cfg.adapter, seed=cfg.seed)
-    optimizer = adapted.optimizer(lr=t.lr, weight_decay=t.weight_decay)
     restarts = adapted.restarts
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if restarts and deepspeed:
+        raise ValueError(
+            f"adapter={cfg.adapter.method} restarts reset M / optimizer state, which DeepSpeed keeps in its own "
+            "partitions; run it with launcher=ddp or local"
+        )
+    optimizer = adapted.optimizer(lr=t.lr, weight_decay=t.weight_decay)
     factor = lr_factor(cfg, restarts.every if restarts else None, restarts.warmup if restarts else 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     model, optimizer = accelerator.prepare(adapted.model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     world, rank = accelerator.num_processes, accelerator.process_index
     micro, accumulation = t.micro_batch, t.global_batch // (t.micro_batch * world)
 
+    start, tokens_seen, history = 0, 0, []
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, model, checkpoint)
+        start, tokens_seen = state["step"], state["tokens"]
+        kept = log.truncate_after(start)
+        history = [r for r in kept if any(k.startswith("eval/") for k in r)]
+        log.write({"step": start, "event": "resumed", "checkpoint": checkpoint.name})
+    elif accelerator.is_main_process:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+
     eval_steps = set(t.eval_steps)
-    history: list[dict[str, Any]] = []
-    batches = task.batches(0, t.global_batch, cfg.seed)
-    tokens_seen, loss_value = 0, math.nan
-    bar = tqdm(total=t.steps, disable=not accelerator.is_main_process or not t.progress, desc=str(out.name))
-    clock = time.time()
-    for step in range(t.steps):
+    batches = task.batches(start, t.global_batch, cfg.seed)
+    loss_value = math.nan
+    bar = tqdm(total=t.steps, initial=start, disable=not accelerator.is_main_process or not t.progress, desc=out.name)
+    clock, clock_tokens = time.time(), tokens_seen
+    for step in range(start, t.steps):
         examples = next(batches)
         full = collate(examples, tokenizer.pad_token_id)
         n_tokens = int((full["labels"][:, 1:] != -100).sum())  # label tokens of the whole global batch
@@ -213,13 +323,13 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
         for i in range(accumulation):
             batch = collate(mine[i * micro : (i + 1) * micro], tokenizer.pad_token_id)
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            sync = nullcontext() if i == accumulation - 1 else accelerator.no_sync(model)
-            with sync:
+            with accelerator.accumulate(model):
                 part = token_loss_sum(model, batch)
-                # DDP averages gradients over ranks: scale by world so the update is sum / n_tokens
-                accelerator.backward(part * world / n_tokens)
+                # accelerate / DeepSpeed divide by the accumulation count and DDP averages over ranks: undo both,
+                # so the update is (sum of token losses of the global batch) / (its label tokens)
+                accelerator.backward(part * world * accumulation / n_tokens)
             loss_sum += part.detach()
-        if t.max_grad_norm:
+        if t.max_grad_norm and not deepspeed:  # DeepSpeed clips with its config's gradient_clipping
             accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -232,25 +342,30 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
         tokens_seen += int(full["attention_mask"].sum())
         if done % t.log_every == 0 or done == t.steps:
             elapsed = time.time() - clock
+            rate = (tokens_seen - clock_tokens) / max(elapsed, 1e-9)
             log.write(
                 {
                     "step": done,
                     "tokens": tokens_seen,
                     "train/loss": loss_value,
                     "lr": scheduler.get_last_lr()[0],
-                    "time_s": round(elapsed, 3),
+                    "tokens_per_s": round(rate, 1),
                 }
             )
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}")
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:.0f}")
         bar.update(1)
         if done in eval_steps:
             metrics = task.evaluate(accelerator.unwrap_model(model), t.eval_batch)
             record = {"step": done, **{f"eval/{k}": v for k, v in metrics.items()}, "train/loss": loss_value}
             history.append(record)
             log.write(record)
+        if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.steps:
+            save_checkpoint(accelerator, model, out, done, {"tokens": tokens_seen})
     bar.close()
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(out / "adapter")
+        tokenizer.save_pretrained(out / "adapter")  # an FFT run's folder is then a loadable base model
     return {
         "task": cfg.task.name,
         "model": cfg.model.name,
@@ -261,9 +376,10 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
         "global_batch": t.global_batch,
         "world_size": world,
         "accumulation": accumulation,
+        "resumed_from": start or None,
         "trainable_params": adapted.trainable_parameters(),
         "final_train_loss": loss_value,
         "tokens": tokens_seen,
-        "tokens_per_s": round(tokens_seen / max(time.time() - clock, 1e-9), 1),
+        "tokens_per_s": round((tokens_seen - clock_tokens) / max(time.time() - clock, 1e-9), 1),
         "evals": history,
     }
