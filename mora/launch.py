@@ -49,6 +49,8 @@ def resolved_deepspeed_config(cfg: DictConfig) -> dict[str, Any]:
 def command(cfg: DictConfig, overrides: list[str], workdir: Path) -> tuple[list[str], dict[str, str]]:
     """The `accelerate launch` command line and environment for cfg.launcher."""
     launcher = cfg.launcher
+    if launcher.name not in ("ddp", "deepspeed_zero2", "deepspeed_zero3"):
+        raise ValueError(f"launcher={launcher.name} runs in this process: use `python -m mora.train` instead")
     env = dict(os.environ)
     base = [
         "--num_processes",
@@ -66,7 +68,7 @@ def command(cfg: DictConfig, overrides: list[str], workdir: Path) -> tuple[list[
         if not _has_cuda():
             env["ACCELERATE_USE_CPU"] = "1"  # without it, `--multi_gpu` on CPU starts unsynchronised processes
         args = ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", *base]
-    elif launcher.name.startswith("deepspeed"):
+    else:
         env.pop("ACCELERATE_USE_CPU", None)  # it silently drops DeepSpeed
         env.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
         workdir.mkdir(parents=True, exist_ok=True)
@@ -80,8 +82,6 @@ def command(cfg: DictConfig, overrides: list[str], workdir: Path) -> tuple[list[
             f"machine_rank: {launcher.machine_rank}\nuse_cpu: false\nrdzv_backend: static\nsame_network: true\n"
         )
         args = ["--config_file", str(acc_path), *base]
-    else:
-        raise ValueError(f"launcher={launcher.name} runs in this process: use `python -m mora.train` instead")
     return [sys.executable, "-m", "accelerate.commands.launch", *args, "-m", "mora.train", *overrides], env
 
 
