@@ -119,3 +119,33 @@ def test_table2_report_from_runs(tmp_path):
     table = paths[0].read_text()
     assert "| MoRA | 8 | 10.1 | 15.7 | 87.4 | 100 |" in table and "±" in table
     assert (tmp_path / "out" / "runs" / "tiny" / "fft-lr0.001-s0" / "config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_multirun_sweep_writes_one_folder_per_job(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mora.train",
+            "-m",
+            "adapter=lora,mora",
+            "adapter.r=2",
+            "train.steps=2",
+            "train.eval_steps=[2]",
+            "task.n_pairs=16",
+            "train.global_batch=8",
+            "train.micro_batch=8",
+            f"run.root={tmp_path}",
+            "run.experiment=sweep",
+            "train.progress=false",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    folders = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "sweep").iterdir())
+    assert folders == ["lora-r2-s42", "mora-r2-s42"]
+    assert all(check_run_folder(p) == [] for p in (tmp_path / "sweep").iterdir())
