@@ -171,8 +171,14 @@ def _compress_sharing(x: Tensor, size: int, grouping: str) -> Tensor:
     # (..., d_in) -> (..., size)
     d_in = x.shape[-1]
     if grouping == "cyclic":
-        n = n_chunks(d_in, size)
-        return _wrap(x, n * size).reshape(*x.shape[:-1], n, size).sum(dim=-2)
+        full, rest = divmod(d_in, size)
+        if rest == 0 or size - rest > d_in or full == 0:
+            n = n_chunks(d_in, size)
+            return _wrap(x, n * size).reshape(*x.shape[:-1], n, size).sum(dim=-2)
+        # no padded copy of x: the last, partial chunk adds its features and the wrapped first ones
+        summed = x[..., : full * size].reshape(*x.shape[:-1], full, size).sum(dim=-2)  # (..., size)
+        head = summed[..., :rest] + x[..., full * size :]
+        return torch.cat([head, summed[..., rest:] + x[..., : size - rest]], dim=-1)
     q, m = divmod(d_in, size)
     split = m * (q + 1)
     long = x[..., :split].reshape(*x.shape[:-1], m, q + 1).sum(dim=-1)  # (..., m)
@@ -187,13 +193,6 @@ def _decompress_sharing(y: Tensor, d_out: int, grouping: str) -> Tensor:
         reps = -(-d_out // size)
         return y.unsqueeze(-2).expand(*y.shape[:-1], reps, size).reshape(*y.shape[:-1], reps * size)[..., :d_out]
     return y.index_select(-1, _chunk_groups(d_out, size, y.device))
-
-
-def rotate_chunks(chunks: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # (..., s, size) * (s, size) -> (..., s, size): RoPE with rotate_half pairing
-    half = chunks.shape[-1] // 2
-    rotated_half = torch.cat((-chunks[..., half:], chunks[..., :half]), dim=-1)
-    return chunks * cos + rotated_half * sin
 
 
 def _chunk_weights(M: Tensor, s: int, compression: str, tables: tuple[Tensor, Tensor] | None) -> Tensor:
@@ -237,15 +236,59 @@ def delta(
         grouping_in, grouping_out = _SHARING_GROUPS[compression]
         y = _compress_sharing(x, size, grouping_in) @ M.T  # (..., size)
         return _decompress_sharing(y, d_out, grouping_out)
+    return _decompress_sharing(_chunk_outputs(x, M, d_out, compression, tables), d_out, "cyclic")
+
+
+def _chunk_outputs(x: Tensor, M: Tensor, d_out: int, compression: str, tables) -> Tensor:
+    # (..., d_in) -> (..., s * size): M (decouple) or P_c = M R_c (rope) applied to each surviving chunk. Rotating
+    # M (s r_hat^2 numbers) instead of x keeps no rotated copy of x for backward; only a wrap-padded last chunk
+    # (tokens x r_hat) is ever copied.
+    d_in, size = x.shape[-1], M.shape[0]
     s = surviving_chunks(d_in, d_out, size)
-    chunks = _wrap(x, s * size).reshape(*x.shape[:-1], s, size)  # (..., s, size)
-    if compression == "rope":
-        cos, sin = _tables(size, s, tables, x)
-        chunks = rotate_chunks(chunks, cos, sin)
-    y = (chunks @ M.T).reshape(*x.shape[:-1], s * size)  # (..., s * size)
-    if s * size >= d_out:
-        return y[..., :d_out]
-    return _decompress_sharing(y, d_out, "cyclic")
+    whole = min(s, d_in // size)  # chunks that are plain views of x
+    lead = x.shape[:-1]
+    weights = M if compression == "decouple" else _chunk_weights(M, s, compression, tables)
+    parts = []
+    if whole:
+        view = x[..., : whole * size].reshape(*lead, whole, size)
+        if compression == "decouple":
+            parts.append((view @ M.T).reshape(*lead, whole * size))
+        else:
+            parts.append(torch.einsum("...sr,sor->...so", view, weights[:whole]).reshape(*lead, whole * size))
+    if whole < s:  # at most one partial chunk: positions k of the padded input read feature k mod d_in
+        tail = x.index_select(-1, torch.arange(whole * size, s * size, device=x.device) % d_in)  # (..., size)
+        w = M if compression == "decouple" else weights[whole]
+        parts.append(tail @ w.T)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def add_delta_(out: Tensor, x: Tensor, M: Tensor, compression: str, tables=None) -> Tensor:
+    """out += delta(x, M, out.shape[-1], compression), in place; returns out.
+
+    The layer's fast path: where an operator tiles or truncates its output, M's output is added through views of
+    `out`, so no (..., d_out) update is materialised. Autograd-safe (the base layer's output is not needed by its
+    backward)."""
+    d_out, size = out.shape[-1], M.shape[0]
+    check_shapes(x.shape[-1], d_out, size, compression)
+    if compression in _CHUNK_OPERATORS:
+        _add_tiled_(out, _chunk_outputs(x, M, d_out, compression, tables))
+    elif compression in _SHARING_GROUPS and _SHARING_GROUPS[compression][1] == "cyclic":
+        _add_tiled_(out, _compress_sharing(x, size, _SHARING_GROUPS[compression][0]) @ M.T)
+    elif compression == "truncation":
+        out[..., :size].add_(x[..., :size] @ M.T)
+    else:
+        out.add_(delta(x, M, d_out, compression, tables))
+    return out
+
+
+def _add_tiled_(out: Tensor, y: Tensor) -> None:
+    # out (..., d_out) += y (..., w) tiled along the last axis and truncated to d_out, through views of out
+    d_out, width = out.shape[-1], y.shape[-1]
+    reps, rest = divmod(d_out, width)
+    if reps:
+        out[..., : reps * width].unflatten(-1, (reps, width)).add_(y.unsqueeze(-2).to(out.dtype))
+    if rest:
+        out[..., reps * width :].add_(y[..., :rest].to(out.dtype))
 
 
 def delta_weight(
@@ -271,14 +314,24 @@ def delta_weight(
             cols = M[:, _chunk_groups(d_in, size, M.device)]  # (size, d_in)
         return cols[_out_groups(grouping_out, d_out, size, M.device)]  # (d_out, d_in)
     s = surviving_chunks(d_in, d_out, size)
-    blocks = _chunk_weights(M, s, compression, tables)  # (s, size, size)
-    width = s * size
-    diag = torch.arange(s, device=M.device)
-    padded = M.new_zeros(s, size, s, size)
-    padded[diag, :, diag, :] = blocks
-    padded = padded.reshape(width, width)  # blockdiag(P_0, ..., P_{s-1})
-    rows = padded[:d_out] if width >= d_out else padded[torch.arange(d_out, device=M.device) % width]
-    return _fold(rows, d_in)
+    blocks = _chunk_weights(M, s, compression, tables) if compression == "rope" else M.expand(s, size, size)
+    width, whole = s * size, min(s, d_in // size)
+    # rows of blockdiag(P_0, ..., P_{s-1}) with padded input columns folded onto d_in, written in place: peak
+    # memory is the result plus width x d_in, never a width x width block-diagonal
+    rows = M.new_zeros(width, d_in)
+    if whole:
+        region = rows[: whole * size, : whole * size].unflatten(0, (whole, size)).unflatten(2, (whole, size))
+        region.diagonal(dim1=0, dim2=2).copy_(blocks[:whole].permute(1, 2, 0))  # (size, size, whole) view
+    if whole < s:  # the partial last chunk: its padded columns k read feature k mod d_in
+        columns = torch.arange(whole * size, width, device=M.device) % d_in
+        rows[whole * size :].index_add_(1, columns, blocks[whole])
+    if width >= d_out:
+        return rows[:d_out]
+    out = M.new_empty(d_out, d_in)
+    reps, rest = divmod(d_out, width)
+    out[: reps * width].unflatten(0, (reps, width)).copy_(rows.unsqueeze(0).expand(reps, width, d_in))
+    out[reps * width :].copy_(rows[:rest])
+    return out
 
 
 def _fold(cols: Tensor, d_in: int) -> Tensor:

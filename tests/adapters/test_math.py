@@ -6,6 +6,7 @@ import torch
 from mora.adapters.mora import (
     COMPRESSIONS,
     OFFICIAL_TYPES,
+    add_delta_,
     check_shapes,
     delta,
     delta_weight,
@@ -216,3 +217,18 @@ def test_vectorised_delta_weight_is_fast_on_llama_shapes():
 def test_invalid_input_raises_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("compression,d_in,d_out,size", CASES)
+def test_in_place_fast_path_equals_the_plain_delta(compression, d_in, d_out, size):
+    torch.manual_seed(8)
+    M = torch.randn(size, size, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, d_in, dtype=torch.float64, requires_grad=True)
+    base = torch.randn(2, 3, d_out, dtype=torch.float64)
+    grad = torch.randn(2, 3, d_out, dtype=torch.float64)
+    plain = base + delta(x, M, d_out, compression)
+    plain_grads = torch.autograd.grad(plain, (x, M), grad)
+    fast = add_delta_(base.clone(), x, M, compression)
+    assert torch.allclose(fast, plain, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(fast, (x, M), grad), plain_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-12)

@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from mora.adapters.mora import (
+    add_delta_,
     check_shapes,
-    delta,
     delta_weight,
     r_hat,
     rope_tables,
@@ -184,8 +184,7 @@ class MoraLinear(nn.Module, MoraLayer):
             # Compute in the activations' dtype: M (r_hat^2 entries) is cast, never the input.
             M = self.mora_M[name].to(x.dtype)
             h = self.mora_dropout[name](x)  # each adapter draws its own mask from the same x
-            update = delta(h, M, self.out_features, self.mora_compression[name], self._tables(name))
-            result = result + update.to(result.dtype)
+            add_delta_(result, h, M, self.mora_compression[name], self._tables(name))
         return result
 
     def __repr__(self) -> str:

@@ -1,0 +1,67 @@
+"""Shared pieces of the benchmarks: interleaved median timing, FLOP floors, and writing results/bench/."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mora.adapters.mora import surviving_chunks
+from mora.paths import REPO_ROOT
+
+RESULTS = REPO_ROOT / "results" / "bench"
+LLAMA_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
+
+
+def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each function, timing them round-robin so drift in the machine hits all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def extra_flops_fwd_bwd(method: str, d_in: int, d_out: int, r: int, r_hat: int | None) -> float:
+    """Multiply-adds x 2 per token that an adapter adds to forward + backward (frozen base: backward is dx only)."""
+    if method in ("lora", "dora"):
+        return 6.0 * r * (d_in + d_out)
+    if method in ("rope", "decouple"):
+        return 6.0 * surviving_chunks(d_in, d_out, r_hat) * r_hat * r_hat
+    return 6.0 * r_hat * r_hat  # sharing family and truncation: one r_hat x r_hat product
+
+
+def floor_ratio(method: str, d_in: int, d_out: int, r: int, r_hat: int | None) -> float:
+    """FLOP floor of forward + backward relative to the frozen base layer (4 * d_in * d_out per token)."""
+    if method == "base":
+        return 1.0
+    return 1.0 + extra_flops_fwd_bwd(method, d_in, d_out, r, r_hat) / (4.0 * d_in * d_out)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+
+
+def write(name: str, payload: dict[str, Any], table: str) -> list[Path]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    paths = [RESULTS / f"{name}.json", RESULTS / f"{name}.md"]
+    paths[0].write_text(json.dumps({"machine": machine(), **payload}, indent=2))
+    paths[1].write_text(table)
+    return paths

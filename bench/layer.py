@@ -1,0 +1,135 @@
+"""Per-layer speed: forward and forward+backward of one LLaMA-7B-shaped layer, frozen base alone vs LoRA (PEFT),
+DoRA (PEFT) and every MoRA operator, with the input requiring grad as inside a model. Ratios to the base layer,
+timed interleaved in one process (medians), beside each variant's FLOP floor.
+
+    python bench/layer.py                       # LLaMA-7B shapes, 2x256 and 1x2048 tokens, float32
+    python bench/layer.py --tokens 2x256 --dtype bfloat16 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import Linear as LoraLinear
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import LLAMA_SHAPES, floor_ratio, interleaved_medians, write  # noqa: E402
+from mora import MoraConfig  # noqa: E402
+from mora.adapters.mora import COMPRESSIONS  # noqa: E402
+from mora.adapters.peft_tuner import MoraLinear  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def variants(d_in: int, d_out: int, dtype: torch.dtype, ranks: list[int], operators: list[str]) -> dict:
+    """name -> (module, method, r, r_hat)"""
+    torch.manual_seed(0)
+    base = nn.Linear(d_in, d_out, bias=False, dtype=dtype).requires_grad_(False)
+    out = {"base": (base, "base", 0, None)}
+    for r in ranks:
+        config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0)
+        lora = LoraLinear(copy.deepcopy(base), "default", config, r=r, lora_alpha=2 * r)
+        nn.init.normal_(lora.lora_B["default"].weight, std=0.01)
+        out[f"lora r={r}"] = (lora.to(dtype), "lora", r, None)
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, use_dora=True)
+    dora = LoraLinear(copy.deepcopy(base), "default", config, r=8, lora_alpha=16)
+    out["dora r=8"] = (dora.to(dtype), "dora", 8, None)
+    for op in operators:
+        for r in ranks:
+            try:
+                layer = MoraLinear(copy.deepcopy(base), "default", MoraConfig(r=r, compression=op, init_weights=False))
+            except ValueError:
+                continue  # the operator refuses this shape (e.g. truncation with r_hat > min(d_in, d_out))
+            out[f"{op} r={r}"] = (layer.to(dtype), op, r, layer.mora_r_hat["default"])
+    return out
+
+
+def bench_shape(d_in, d_out, batch, seq, dtype, ranks, operators, repeats):
+    layers = variants(d_in, d_out, dtype, ranks, operators)
+    x = torch.randn(batch, seq, d_in, dtype=dtype, requires_grad=True)
+    grad = torch.randn(batch, seq, d_out, dtype=dtype)
+
+    def forward(module):
+        return lambda: module(x)
+
+    def forward_backward(module):
+        def step():
+            module(x).backward(grad)
+            x.grad = None
+            for p in module.parameters():
+                p.grad = None
+
+        return step
+
+    fwd = interleaved_medians({n: forward(m) for n, (m, *_) in layers.items()}, repeats)
+    both = interleaved_medians({n: forward_backward(m) for n, (m, *_) in layers.items()}, repeats)
+    rows = []
+    for name, (_, method, r, r_hat) in layers.items():
+        rows.append(
+            {
+                "shape": f"{d_in}->{d_out}",
+                "tokens": f"{batch}x{seq}",
+                "variant": name,
+                "method": method,
+                "r": r,
+                "r_hat": r_hat,
+                "fwd_s": fwd[name],
+                "fwd_bwd_s": both[name],
+                "fwd_ratio": fwd[name] / fwd["base"],
+                "fwd_bwd_ratio": both[name] / both["base"],
+                "floor": floor_ratio(method, d_in, d_out, r, r_hat),
+            }
+        )
+    return rows
+
+
+def markdown(rows: list[dict], dtype: str) -> str:
+    lines = [
+        f"# Per-layer speed ({dtype}, CPU threads: {torch.get_num_threads()})",
+        "",
+        "Ratio of each variant's median time to the frozen base layer's, measured interleaved in one process; "
+        "`floor` is the forward+backward FLOP floor 1 + extra / (4 d_in d_out) (backward of a frozen base is dx only).",
+        "",
+        "| shape | tokens | variant | r_hat | fwd ratio | fwd+bwd ratio | floor | gap to floor (points) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        gap = 100 * (row["fwd_bwd_ratio"] - row["floor"])
+        lines.append(
+            f"| {row['shape']} | {row['tokens']} | {row['variant']} | {row['r_hat'] or ''} | {row['fwd_ratio']:.3f} | "
+            f"{row['fwd_bwd_ratio']:.3f} | {row['floor']:.3f} | {gap:+.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", nargs="+", default=["2x256", "1x2048"], help="batch x sequence")
+    parser.add_argument("--shapes", nargs="+", default=[f"{i}x{o}" for i, o in LLAMA_SHAPES], help="d_in x d_out")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 256])
+    parser.add_argument("--operators", nargs="+", default=list(COMPRESSIONS), choices=COMPRESSIONS)
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--name", default=None, help="output name under results/bench/ (default layer_<dtype>)")
+    args = parser.parse_args()
+    rows = []
+    for shape in args.shapes:
+        d_in, d_out = map(int, shape.split("x"))
+        for tokens in args.tokens:
+            batch, seq = map(int, tokens.split("x"))
+            rows += bench_shape(d_in, d_out, batch, seq, DTYPES[args.dtype], args.ranks, args.operators, args.repeats)
+            print(f"done {shape} {tokens}", flush=True)
+    table = markdown(rows, args.dtype)
+    print(table)
+    write(args.name or f"layer_{args.dtype}", {"dtype": args.dtype, "rows": rows}, table)
+
+
+if __name__ == "__main__":
+    main()
