@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-fast lint reproduce-table2 smoke prefetch inspect clean
+.PHONY: help install test test-fast lint reproduce-table2 smoke prefetch bench inspect clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-20s %s\n", $$1, $$2}'
@@ -34,8 +34,8 @@ test-fast: $(STAMP) ## run the tests without the slow and multi-process ones
 	WANDB_MODE=disabled $(PY) -m pytest -m "not slow and not multiprocess"
 
 lint: $(STAMP) ## ruff check + format check
-	$(VENV)/bin/ruff check mora tests experiments scripts
-	$(VENV)/bin/ruff format --check mora tests experiments scripts
+	$(VENV)/bin/ruff check mora tests experiments scripts bench
+	$(VENV)/bin/ruff format --check mora tests experiments scripts bench
 
 reproduce-table2: $(STAMP) ## Table 2 (UUID memorization): PROFILE=tiny|paper, SEEDS="0 1 2" or SEED=0 -> results/table2/
 	$(PY) experiments/table2.py --profile $(PROFILE) --seeds $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),0 1 2))
@@ -45,6 +45,13 @@ smoke: $(STAMP) ## every adapter on every task for a few steps (tiny profile); c
 
 prefetch: $(STAMP) ## on a networked machine: download the model/tokenizer a profile needs (PROFILE=paper)
 	HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0 $(PY) scripts/prefetch.py --profile $(if $(filter tiny,$(PROFILE)),paper,$(PROFILE))
+
+bench: $(STAMP) ## speed and memory benchmarks -> results/bench/ (about 45 min on 2 CPU cores)
+	$(PY) bench/layer.py --repeats 3
+	$(PY) bench/layer.py --tokens 2x256 --dtype bfloat16 --repeats 3
+	$(PY) bench/merge.py
+	$(PY) bench/model.py
+	$(PY) bench/table2_time.py
 
 inspect: $(STAMP) ## per-layer r_hat and parameters, e.g. make inspect ARGS="model=llama2_7b adapter=mora adapter.r=8"
 	$(PY) -m mora.inspect $(ARGS)

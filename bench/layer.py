@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 256])
     parser.add_argument("--operators", nargs="+", default=list(COMPRESSIONS), choices=COMPRESSIONS)
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--name", default=None, help="output name under results/bench/ (default layer_<dtype>)")
     args = parser.parse_args()
     rows = []
