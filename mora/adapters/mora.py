@@ -21,7 +21,9 @@ Operators (`compression`), with the authors' `mora_type` numbers kept only in OF
   dW = blockdiag(M R_0, M R_1, ...).
 
 Where the output is truncated (n * r_hat > d_out) only the first ceil(d_out / r_hat) chunks reach the output; both
-paths compute only those. Wrap-around padding is a true cycle (position k reads feature k mod d_in), which equals the
+paths compute only those. `rope` applies P_c = M R_c to each chunk (rotating M, s r_hat^2 numbers, rather than x), so
+no rotated copy of x is kept for backward; `add_delta_` adds tiled outputs through views of the base output.
+Wrap-around padding is a true cycle (position k reads feature k mod d_in), which equals the
 authors' `cat([x, x[..., :pad]])` wherever theirs runs and also covers r_hat > 2 * d_in, where theirs crashes.
 """
 
@@ -172,7 +174,7 @@ def _compress_sharing(x: Tensor, size: int, grouping: str) -> Tensor:
     d_in = x.shape[-1]
     if grouping == "cyclic":
         full, rest = divmod(d_in, size)
-        if rest == 0 or size - rest > d_in or full == 0:
+        if rest == 0 or full == 0:
             n = n_chunks(d_in, size)
             return _wrap(x, n * size).reshape(*x.shape[:-1], n, size).sum(dim=-2)
         # no padded copy of x: the last, partial chunk adds its features and the wrapped first ones
@@ -195,14 +197,48 @@ def _decompress_sharing(y: Tensor, d_out: int, grouping: str) -> Tensor:
     return y.index_select(-1, _chunk_groups(d_out, size, y.device))
 
 
-def _chunk_weights(M: Tensor, s: int, compression: str, tables: tuple[Tensor, Tensor] | None) -> Tensor:
+def _rope_weights(M: Tensor, s: int, tables: tuple[Tensor, Tensor] | None) -> Tensor:
     # (size, size) -> (s, size, size): the block P_c = M R_c acting on chunk c
-    if compression == "decouple":
-        return M.unsqueeze(0).expand(s, *M.shape)
     cos, sin = _tables(M.shape[0], s, tables, M)
+    return _rotate_columns(M, cos, sin)
+
+
+def _rotate_columns(M: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # (size, size), (s, size) -> (s, size, size): M R_c = M * cos_c + swap(M) * sin_c, column-wise
     half = M.shape[1] // 2
     M_swapped = torch.cat((M[:, half:], -M[:, :half]), dim=-1)  # column b <- the column rotate_half mixes into b
     return M * cos[:, None, :] + M_swapped * sin[:, None, :]
+
+
+def _unrotate_columns(grad_P: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # adjoint of _rotate_columns: (s, size, size) -> (size, size)
+    half = grad_P.shape[-1] // 2
+    through_sin = (grad_P * sin[:, None, :]).sum(0)
+    return (grad_P * cos[:, None, :]).sum(0) + torch.cat((-through_sin[:, half:], through_sin[:, :half]), dim=-1)
+
+
+class _ChunkProduct(torch.autograd.Function):
+    """y[..., c, :] = P_c @ chunks[..., c, :], with P_c = M R_c (rope: cos, sin given) or P_c = M (decouple).
+    Saves `chunks` as given (a strided view of x: no copy) and M (r_hat^2 values), not the s rotated blocks, which
+    backward recomputes."""
+
+    @staticmethod
+    def forward(ctx, chunks: Tensor, M: Tensor, cos: Tensor | None, sin: Tensor | None) -> Tensor:
+        ctx.save_for_backward(chunks, M, cos, sin)
+        P = M.expand(chunks.shape[-2], *M.shape) if cos is None else _rotate_columns(M, cos, sin)
+        return torch.einsum("...sr,sor->...so", chunks, P)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        chunks, M, cos, sin = ctx.saved_tensors
+        grad_chunks = grad_M = None
+        if ctx.needs_input_grad[0]:
+            P = M.expand(chunks.shape[-2], *M.shape) if cos is None else _rotate_columns(M, cos, sin)
+            grad_chunks = torch.einsum("...so,sor->...sr", grad_y, P)
+        if ctx.needs_input_grad[1]:
+            grad_P = torch.einsum("...so,...sr->sor", grad_y, chunks)  # (s, size, size)
+            grad_M = grad_P.sum(0) if cos is None else _unrotate_columns(grad_P, cos, sin)
+        return grad_chunks, grad_M, None, None
 
 
 def _tables(size: int, s: int, tables: tuple[Tensor, Tensor] | None, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -239,30 +275,34 @@ def delta(
     return _decompress_sharing(_chunk_outputs(x, M, d_out, compression, tables), d_out, "cyclic")
 
 
-def _chunk_outputs(x: Tensor, M: Tensor, d_out: int, compression: str, tables) -> Tensor:
+def _chunk_outputs(x: Tensor, M: Tensor, d_out: int, compression: str, tables: tuple[Tensor, Tensor] | None) -> Tensor:
     # (..., d_in) -> (..., s * size): M (decouple) or P_c = M R_c (rope) applied to each surviving chunk. Rotating
     # M (s r_hat^2 numbers) instead of x keeps no rotated copy of x for backward; only a wrap-padded last chunk
     # (tokens x r_hat) is ever copied.
     d_in, size = x.shape[-1], M.shape[0]
     s = surviving_chunks(d_in, d_out, size)
     whole = min(s, d_in // size)  # chunks that are plain views of x
-    lead = x.shape[:-1]
-    weights = M if compression == "decouple" else _chunk_weights(M, s, compression, tables)
+    cos, sin = _tables(size, s, tables, x) if compression == "rope" else (None, None)
     parts = []
-    if whole:
-        view = x[..., : whole * size].reshape(*lead, whole, size)
+    for first, count, partial in ((0, whole, False), (whole, s - whole, True)):  # views of x, then <= 1 partial
+        if not count:
+            continue
+        if not partial:
+            chunks = x[..., : count * size].unflatten(-1, (count, size))  # strided view: no copy of x
+        else:  # the wrap-padded last chunk: position k reads feature k mod d_in (tokens x r_hat values)
+            chunks = x.index_select(-1, torch.arange(first * size, s * size, device=x.device) % d_in)
+            chunks = chunks.unflatten(-1, (count, size))
         if compression == "decouple":
-            parts.append((view @ M.T).reshape(*lead, whole * size))
+            y = _ChunkProduct.apply(chunks, M, None, None)
         else:
-            parts.append(torch.einsum("...sr,sor->...so", view, weights[:whole]).reshape(*lead, whole * size))
-    if whole < s:  # at most one partial chunk: positions k of the padded input read feature k mod d_in
-        tail = x.index_select(-1, torch.arange(whole * size, s * size, device=x.device) % d_in)  # (..., size)
-        w = M if compression == "decouple" else weights[whole]
-        parts.append(tail @ w.T)
+            y = _ChunkProduct.apply(chunks, M, cos[first : first + count], sin[first : first + count])
+        parts.append(y.flatten(-2))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
-def add_delta_(out: Tensor, x: Tensor, M: Tensor, compression: str, tables=None) -> Tensor:
+def add_delta_(
+    out: Tensor, x: Tensor, M: Tensor, compression: str, tables: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
     """out += delta(x, M, out.shape[-1], compression), in place; returns out.
 
     The layer's fast path: where an operator tiles or truncates its output, M's output is added through views of
@@ -314,7 +354,7 @@ def delta_weight(
             cols = M[:, _chunk_groups(d_in, size, M.device)]  # (size, d_in)
         return cols[_out_groups(grouping_out, d_out, size, M.device)]  # (d_out, d_in)
     s = surviving_chunks(d_in, d_out, size)
-    blocks = _chunk_weights(M, s, compression, tables) if compression == "rope" else M.expand(s, size, size)
+    blocks = _rope_weights(M, s, tables) if compression == "rope" else M.expand(s, size, size)
     width, whole = s * size, min(s, d_in // size)
     # rows of blockdiag(P_0, ..., P_{s-1}) with padded input columns folded onto d_in, written in place: peak
     # memory is the result plus width x d_in, never a width x width block-diagonal
