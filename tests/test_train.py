@@ -119,6 +119,7 @@ def test_table2_report_from_runs(tmp_path):
     table = paths[0].read_text()
     assert "| MoRA | 8 | 10.1 | 15.7 | 87.4 | 100 |" in table and "±" in table
     assert (tmp_path / "out" / "runs" / "tiny" / "fft-lr0.001-s0" / "config.yaml").exists()
+    assert (tmp_path / "out" / "runs" / "tiny" / "fft-lr0.001-s0" / "env.json").exists()
 
 
 @pytest.mark.slow

@@ -193,7 +193,7 @@ def write_results(root: Path, out: Path, profile: str, cells: list[dict[str, Any
     for run in runs:
         target = kept / run["dir"].name
         target.mkdir(parents=True)
-        for name in ("config.yaml", "summary.json", "metrics.jsonl"):
+        for name in ("config.yaml", "env.json", "summary.json", "metrics.jsonl"):
             shutil.copy(run["dir"] / name, target / name)
     suffix = "" if profile == "tiny" else f"_{profile}"
     paths = [out / f"table2{suffix}.md", out / f"table2{suffix}.csv", out / f"table2{suffix}.png"]

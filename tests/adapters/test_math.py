@@ -232,3 +232,16 @@ def test_in_place_fast_path_equals_the_plain_delta(compression, d_in, d_out, siz
     assert torch.allclose(fast, plain, atol=1e-12)
     for a, b in zip(torch.autograd.grad(fast, (x, M), grad), plain_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+@pytest.mark.parametrize("compression,d_in,d_out,size", CASES)
+def test_gradients_match_autograd_through_delta_weight(compression, d_in, d_out, size):
+    # rope / decouple have a hand-written backward (_ChunkProduct); delta_weight is plain autograd
+    torch.manual_seed(9)
+    M = torch.randn(size, size, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, d_in, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, d_out, dtype=torch.float64)
+    fast = torch.autograd.grad(delta(x, M, d_out, compression), (x, M), grad)
+    reference = torch.autograd.grad(x @ delta_weight(M, d_in, d_out, compression).T, (x, M), grad)
+    for a, b in zip(fast, reference, strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
