@@ -60,6 +60,8 @@ def machine() -> dict[str, Any]:
 
 
 def write(name: str, payload: dict[str, Any], table: str) -> list[Path]:
+    """Print the Markdown table and write results/bench/<name>.json (with the machine) and <name>.md."""
+    print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     paths = [RESULTS / f"{name}.json", RESULTS / f"{name}.md"]
     paths[0].write_text(json.dumps({"machine": machine(), **payload}, indent=2))

@@ -127,7 +127,6 @@ def main() -> None:
             rows += bench_shape(d_in, d_out, batch, seq, DTYPES[args.dtype], args.ranks, args.operators, args.repeats)
             print(f"done {shape} {tokens}", flush=True)
     table = markdown(rows, args.dtype)
-    print(table)
     write(args.name or f"layer_{args.dtype}", {"dtype": args.dtype, "rows": rows}, table)
 
 

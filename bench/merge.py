@@ -108,7 +108,6 @@ def main() -> None:
             f"{row['peak_extra_over_weight']:.2f} |"
         )
     table = "\n".join(lines) + "\n"
-    print(table)
     write("merge", {"rows": rows}, table)
 
 

@@ -164,7 +164,6 @@ def main() -> None:
             f"{row['saved_for_backward_bytes'] / ref['saved_for_backward_bytes']:.3f} |"
         )
     table = "\n".join(lines) + "\n"
-    print(table)
     write("model", {"rows": rows}, table)
 
 

@@ -44,7 +44,6 @@ def main() -> None:
         f"`experiments/table2.py --profile tiny --seeds {' '.join(map(str, args.seeds))}` (what `make "
         f"reproduce-table2` runs after install): **{wall / 60:.1f} min** ({wall:.0f} s).\n"
     )
-    print(table)
     write("table2_time", {"seeds": args.seeds, "wall_s": wall}, table)
 
 
