@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +49,19 @@ def floor_ratio(method: str, d_in: int, d_out: int, r: int, r_hat: int | None) -
     if method == "base":
         return 1.0
     return 1.0 + extra_flops_fwd_bwd(method, d_in, d_out, r, r_hat) / (4.0 * d_in * d_out)
+
+
+def run_case(script: str, *args: str) -> dict[str, Any] | None:
+    """Run `script --case ARGS` in a fresh process (so ru_maxrss is this case's alone) and return the JSON it prints
+    last; None, after printing why, when the case refuses its shape or fails."""
+    result = subprocess.run([sys.executable, script, "--case", *args], capture_output=True, text=True)
+    if result.returncode:
+        reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"skip {' '.join(args)}: {reason}", flush=True)
+        return None
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"done {' '.join(args)}", flush=True)
+    return row
 
 
 def machine() -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import LLAMA_SHAPES, interleaved_medians, write  # noqa: E402
+from bench.common import LLAMA_SHAPES, interleaved_medians, run_case, write  # noqa: E402
 from mora.adapters.mora import (  # noqa: E402
     COMPRESSIONS,
     check_shapes,
@@ -76,22 +75,9 @@ def main() -> None:
     for d_in, d_out in LLAMA_SHAPES:
         for operator in COMPRESSIONS:
             for r in args.ranks:
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--case",
-                    str(d_in),
-                    str(d_out),
-                    operator,
-                    str(r),
-                    "--repeats",
-                    str(args.repeats),
-                ]
-                result = subprocess.run(cmd, capture_output=True, text=True)
-                if result.returncode:
-                    continue  # the operator refuses the shape (ValueError), e.g. truncation above min(d_in, d_out)
-                rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-                print(f"done {d_in}->{d_out} {operator} r={r}", flush=True)
+                row = run_case(__file__, str(d_in), str(d_out), operator, str(r), "--repeats", str(args.repeats))
+                if row is not None:  # None: the operator refuses the shape (e.g. truncation above min(d_in, d_out))
+                    rows.append(row)
     lines = [
         f"# Merge cost per layer (float32, CPU threads: {torch.get_num_threads()})",
         "",

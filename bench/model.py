@@ -11,7 +11,6 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import write  # noqa: E402
+from bench.common import run_case, write  # noqa: E402
 from mora.adapters.build import build_adapter  # noqa: E402
 from mora.adapters.mora import COMPRESSIONS  # noqa: E402
 
@@ -124,22 +123,9 @@ def main() -> None:
             for variant in VARIANTS:
                 if variant == "fft" and dropout:
                     continue
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--case",
-                    model_name,
-                    variant,
-                    str(dropout),
-                    "--repeats",
-                    str(args.repeats),
-                ]
-                result = subprocess.run(cmd, capture_output=True, text=True)
-                if result.returncode:
-                    print(f"skip {model_name} {variant}: {result.stderr.strip().splitlines()[-1]}", flush=True)
-                    continue
-                rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-                print(f"done {model_name} {variant} dropout={dropout}", flush=True)
+                row = run_case(__file__, model_name, variant, str(dropout), "--repeats", str(args.repeats))
+                if row is not None:
+                    rows.append(row)
     lora = {(r["model"], r["dropout"]): r for r in rows if r["variant"] == "lora"}
     lines = [
         f"# Whole-model training step (float32, CPU threads: {torch.get_num_threads()})",
