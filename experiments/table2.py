@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from mora.paths import CONFIG_DIR, REPO_ROOT
 from mora.reporting.table2 import write_results
+from mora.training.run import config_hash
 
 PROFILES = ("tiny", "paper")
 
@@ -70,9 +71,17 @@ def grid(profile: str) -> tuple[list[dict], dict | None]:
     return OmegaConf.to_container(cfg.grid[profile], resolve=True), OmegaConf.to_container(cfg.base)[profile]
 
 
-def finished(run_dir: Path) -> bool:
+def finished(run_dir: Path, overrides: list[str]) -> bool:
+    """True when run_dir holds a finished run of exactly this config; a finished run of another config (the profile
+    or grid changed since) stops the command rather than entering the table."""
     summary = run_dir / "summary.json"
-    return summary.exists() and json.loads(summary.read_text()).get("status") == "finished"
+    if not (summary.exists() and json.loads(summary.read_text()).get("status") == "finished"):
+        return False
+    if config_hash(OmegaConf.load(run_dir / "config.yaml")) != config_hash(compose_cfg(overrides)):
+        raise SystemExit(
+            f"error: {run_dir} holds a finished run of a different config; delete it or pass --runs elsewhere"
+        )
+    return True
 
 
 def run_one(overrides: list[str], threads: int) -> str:
@@ -102,17 +111,19 @@ def main() -> None:
     base_dir = None
     if base is not None:
         base_dir = root / "base"
-        if not finished(base_dir):
+        overrides = base_overrides(base, args.profile, base_dir)
+        if not finished(base_dir, overrides):
             print(f"table2 ({args.profile}): training the base model in {base_dir}", flush=True)
-            print(run_one(base_overrides(base, args.profile, base_dir), os.cpu_count() or 1), flush=True)
+            print(run_one(overrides, os.cpu_count() or 1), flush=True)
         base_dir = base_dir / "adapter"
     todo: list[list[str]] = []
     for cell in cells:
         for lr in cell["lrs"]:
             for seed in args.seeds:
                 run_dir = root / f"{cell['name']}-lr{lr:g}-s{seed}"
-                if not finished(run_dir):  # an unfinished run resumes from its last checkpoint
-                    todo.append(cell_overrides(cell, lr, seed, args.profile, run_dir, base_dir))
+                overrides = cell_overrides(cell, lr, seed, args.profile, run_dir, base_dir)
+                if not finished(run_dir, overrides):  # an unfinished run resumes from its last checkpoint
+                    todo.append(overrides)
     print(f"table2 ({args.profile}): {len(todo)} runs to do in {root}", flush=True)
     if args.jobs == 1:
         for overrides in todo:

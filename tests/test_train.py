@@ -150,3 +150,14 @@ def test_multirun_sweep_writes_one_folder_per_job(tmp_path):
     folders = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "sweep").iterdir())
     assert folders == ["lora-r2-s42", "mora-r2-s42"]
     assert all(check_run_folder(p) == [] for p in (tmp_path / "sweep").iterdir())
+
+
+def test_table2_runner_refuses_a_finished_run_of_another_config(tmp_path):
+    from experiments.table2 import finished
+
+    overrides = smoke_overrides("lora", "uuid", 2, tmp_path / "run")
+    assert not finished(tmp_path / "run", overrides)
+    run(_compose(*overrides))
+    assert finished(tmp_path / "run", overrides)
+    with pytest.raises(SystemExit, match="holds a finished run of a different config"):
+        finished(tmp_path / "run", [*overrides, "task.n_pairs=24"])
