@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from mora.adapters import mora as mora_math
 from mora.adapters.mora import (
     COMPRESSIONS,
     OFFICIAL_TYPES,
@@ -245,3 +246,27 @@ def test_gradients_match_autograd_through_delta_weight(compression, d_in, d_out,
     reference = torch.autograd.grad(x @ delta_weight(M, d_in, d_out, compression).T, (x, M), grad)
     for a, b in zip(fast, reference, strict=True):
         assert torch.allclose(a, b, atol=1e-10)
+
+
+CHUNK_CASES = [case for case in CASES if case[0] in ("rope", "decouple")]
+
+
+@pytest.mark.parametrize("path,threshold", [("einsum", 10**9), ("per-chunk GEMM", 1)])
+@pytest.mark.parametrize("compression,d_in,d_out,size", CHUNK_CASES)
+def test_both_chunk_product_paths_match_delta_weight(monkeypatch, path, threshold, compression, d_in, d_out, size):
+    # rope / decouple pick one GEMM per chunk at large r_hat and one batched einsum at small r_hat: each path must
+    # give delta_weight's outputs and gradients, with leading batch dims, a non-contiguous x and partial grads
+    monkeypatch.setattr(mora_math, "PER_CHUNK_GEMM_SIZE", threshold)
+    torch.manual_seed(10)
+    M = torch.randn(size, size, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 2, d_in, dtype=torch.float64).transpose(0, 1).requires_grad_()  # (2, 4, d_in), strided
+    grad = torch.randn(2, 4, d_out, dtype=torch.float64)
+    reference = x @ delta_weight(M, d_in, d_out, compression).T
+    base = torch.randn(2, 4, d_out, dtype=torch.float64)
+    for out in (delta(x, M, d_out, compression), add_delta_(base.clone(), x, M, compression) - base):
+        assert torch.allclose(out, reference, atol=1e-12)
+        for wrt in ((x, M), (x,), (M,)):
+            got = torch.autograd.grad(out, wrt, grad, retain_graph=True)
+            want = torch.autograd.grad(reference, wrt, grad, retain_graph=True)
+            for a, b in zip(got, want, strict=True):
+                assert torch.allclose(a, b, atol=1e-10), path
