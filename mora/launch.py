@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from accelerate.utils.constants import DEEPSPEED_MULTINODE_LAUNCHERS
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mora.paths import CONFIG_DIR, REPO_ROOT
 
@@ -29,6 +30,8 @@ def resolved_deepspeed_config(cfg: DictConfig) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"launcher.deepspeed_config {cfg.launcher.deepspeed_config!r} is not in {path.parent}")
     ds = json.loads(path.read_text())
+    overrides = cfg.launcher.get("deepspeed_overrides") or {}
+    ds = OmegaConf.to_container(OmegaConf.merge(ds, overrides))  # e.g. offload or ZeRO-3 thresholds, per run
     t, world = cfg.train, cfg.launcher.num_processes * cfg.launcher.num_machines
     if t.global_batch % (t.micro_batch * world):
         raise ValueError(
@@ -51,6 +54,19 @@ def command(cfg: DictConfig, overrides: list[str], workdir: Path) -> tuple[list[
     launcher = cfg.launcher
     if launcher.name not in ("ddp", "deepspeed_zero2", "deepspeed_zero3"):
         raise ValueError(f"launcher={launcher.name} runs in this process: use `python -m mora.train` instead")
+    if launcher.num_machines < 1 or not 0 <= launcher.machine_rank < launcher.num_machines:
+        raise ValueError(
+            f"launcher.machine_rank={launcher.machine_rank} must be in [0, launcher.num_machines="
+            f"{launcher.num_machines})"
+        )
+    if launcher.num_machines > 1 and not launcher.main_process_ip:
+        raise ValueError(
+            f"launcher.num_machines={launcher.num_machines} needs launcher.main_process_ip (the address of the node "
+            "with machine_rank 0)"
+        )
+    multinode = launcher.get("multinode_launcher", "standard")
+    if multinode not in DEEPSPEED_MULTINODE_LAUNCHERS:
+        raise ValueError(f"launcher.multinode_launcher={multinode!r} is not one of {DEEPSPEED_MULTINODE_LAUNCHERS}")
     env = dict(os.environ)
     base = [
         "--num_processes",
@@ -78,6 +94,7 @@ def command(cfg: DictConfig, overrides: list[str], workdir: Path) -> tuple[list[
         acc_path.write_text(
             "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\n"
             f"deepspeed_config:\n  deepspeed_config_file: {ds_path}\n  zero3_init_flag: false\n"
+            f"  deepspeed_multinode_launcher: {multinode}\n"
             f"num_machines: {launcher.num_machines}\nnum_processes: {launcher.num_processes * launcher.num_machines}\n"
             f"machine_rank: {launcher.machine_rank}\nuse_cpu: false\nrdzv_backend: static\nsame_network: true\n"
         )

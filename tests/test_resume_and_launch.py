@@ -8,13 +8,20 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
 
 from mora.launch import command, resolved_deepspeed_config
+from mora.models import build_model
 from mora.paths import CONFIG_DIR, REPO_ROOT
+from mora.tasks.uuid import char_tokenizer
 from mora.training.run import config_hash, run
 
+ZERO2 = CONFIG_DIR / "launcher" / "deepspeed" / "zero2.json"
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
 
 
@@ -97,6 +104,29 @@ def test_launcher_commands(tmp_path):
         resolved_deepspeed_config(_compose("launcher=deepspeed_zero2", "launcher.num_processes=3", *COMMON))
     with pytest.raises(ValueError, match="runs in this process"):
         command(_compose(*COMMON), COMMON, tmp_path)
+    bad = {
+        "launcher.machine_rank=2": "machine_rank=2 must be in",
+        "launcher.num_machines=2": "needs launcher.main_process_ip",
+        "launcher.multinode_launcher=ssh": "multinode_launcher='ssh' is not one of",
+    }
+    for override, message in bad.items():
+        with pytest.raises(ValueError, match=message):
+            command(_compose("launcher=deepspeed_zero3", *COMMON, override), COMMON, tmp_path)
+    two_nodes = [
+        "launcher.num_machines=2",
+        "launcher.num_processes=1",
+        "launcher.machine_rank=1",
+        "launcher.main_process_ip=10.0.0.1",
+    ]
+    cmd, _ = command(_compose("launcher=deepspeed_zero3", *COMMON, *two_nodes), COMMON, tmp_path)
+    assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[cmd.index("--machine_rank") + 1] == "1"
+    assert "deepspeed_multinode_launcher: standard" in (tmp_path / "accelerate.yaml").read_text()
+    offload = "launcher.deepspeed_overrides={zero_optimization:{offload_optimizer:{device:cpu}}}"
+    ds = resolved_deepspeed_config(_compose("launcher=deepspeed_zero2", *COMMON, offload))
+    assert ds["zero_optimization"] == {
+        **json.loads(ZERO2.read_text())["zero_optimization"],
+        "offload_optimizer": {"device": "cpu"},
+    }
 
 
 PARITY = [
@@ -115,30 +145,71 @@ PARITY = [
 ]
 
 
+@pytest.fixture(scope="module")
+def pretrained_base(tmp_path_factory) -> Path:
+    """A tiny LLaMA saved like a hub model: every launcher starts from the same weights (ZeRO-3 builds a random-init
+    model partitioned under deepspeed.zero.Init, which draws different numbers than one process does)."""
+    folder = tmp_path_factory.mktemp("base")
+    cfg = _compose()
+    tokenizer = char_tokenizer()
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg["config"]["vocab_size"] = len(tokenizer)
+    build_model(model_cfg, seed=3).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _launch(launcher: str, overrides: list[str], port: int, machines: int = 1) -> list[subprocess.Popen]:
+    """`python -m mora.launch` once per machine (all on this host, as on a cluster with a shared filesystem)."""
+    per_machine = 2 // machines
+    common = [f"launcher={launcher}", f"launcher.num_processes={per_machine}", f"launcher.num_machines={machines}"]
+    if machines > 1:
+        common.append("launcher.main_process_ip=127.0.0.1")
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mora.launch",
+                *common,
+                f"launcher.machine_rank={rank}",
+                f"launcher.main_process_port={port}",
+                *overrides,
+            ],
+            cwd=REPO_ROOT,
+            env={**ENV, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(machines)
+    ]
+
+
+def _wait(processes: list[subprocess.Popen], timeout: float = 600) -> None:
+    for process in processes:
+        output, _ = process.communicate(timeout=timeout)
+        assert process.returncode == 0, output[-4000:]
+
+
+def _adapter_tensors(folder: Path) -> dict:
+    return load_file(folder / "adapter" / "adapter_model.safetensors")
+
+
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("launcher", ["ddp", "deepspeed_zero2"])
-def test_two_processes_give_the_one_process_loss_curve(tmp_path, launcher):
+@pytest.mark.parametrize(
+    "launcher,machines",
+    [("ddp", 1), ("deepspeed_zero2", 1), ("deepspeed_zero3", 1), ("ddp", 2), ("deepspeed_zero2", 2)],
+)
+def test_two_processes_give_the_one_process_loss_curve(tmp_path, pretrained_base, launcher, machines):
+    overrides = [*PARITY, f"model.pretrained={pretrained_base}"]
+    launch_only = []
+    if launcher == "deepspeed_zero3":  # partition every parameter, however small (the default keeps < 1e5 whole)
+        launch_only.append("launcher.deepspeed_overrides={zero_optimization:{stage3_param_persistence_threshold:0}}")
     single = tmp_path / "single"
-    run(_compose(*PARITY, f"run.dir={single}"))
-    double = tmp_path / launcher
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mora.launch",
-            f"launcher={launcher}",
-            "launcher.num_processes=2",
-            *PARITY,
-            f"run.dir={double}",
-            "launcher.main_process_port=29517",
-        ],
-        cwd=REPO_ROOT,
-        env={**ENV, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run(_compose(*overrides, f"run.dir={single}"))
+    double = tmp_path / f"{launcher}-{machines}"
+    _wait(_launch(launcher, [*overrides, *launch_only, f"run.dir={double}"], port=29517 + machines))
     summary = json.loads((double / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "finished"
     one, two = _train_records(single), _train_records(double)
@@ -146,3 +217,37 @@ def test_two_processes_give_the_one_process_loss_curve(tmp_path, launcher):
     assert abs(one[0]["train/loss"] - two[0]["train/loss"]) <= 1e-6
     for a, b in zip(one, two, strict=True):
         assert abs(a["train/loss"] - b["train/loss"]) <= 1e-3, (a, b)
+    # the saved adapter is whole (ZeRO-3 gathers its partitions) and holds the same weights
+    want, got = _adapter_tensors(single), _adapter_tensors(double)
+    assert want.keys() == got.keys()
+    for name, tensor in want.items():
+        assert got[name].shape == tensor.shape and torch.allclose(got[name], tensor, atol=1e-3), name
+
+
+@pytest.mark.multiprocess
+def test_deepspeed_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, pretrained_base):
+    steps = ["train.steps=120", "train.eval_steps=[120]", "train.checkpoint_every=10"]  # long enough to be killed
+    overrides = [*COMMON, *steps, f"model.pretrained={pretrained_base}"]
+    reference = tmp_path / "reference"
+    _wait(_launch("deepspeed_zero2", [*overrides, f"run.dir={reference}"], port=29531))
+    killed = tmp_path / "killed"
+    first = _launch("deepspeed_zero2", [*overrides, f"run.dir={killed}"], port=29532)[0]
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step-20" / "state.json").exists():
+        assert first.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    victims = [first.pid, *(child.pid for child in psutil.Process(first.pid).children(recursive=True))]
+    for pid in victims:  # the launcher and both ranks at once, as when a node dies
+        os.kill(pid, signal.SIGKILL)
+    first.communicate()
+    assert not (killed / "summary.json").exists(), "the run was not killed before it ended"
+    _wait(_launch("deepspeed_zero2", [*overrides, f"run.dir={killed}"], port=29533))
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["resumed_from"] >= 20
+    expected, got = _train_records(reference), _train_records(killed)
+    assert [r["step"] for r in got] == list(range(1, 121))
+    for a, b in zip(expected, got, strict=True):
+        assert abs(a["train/loss"] - b["train/loss"]) <= 1e-6, (a, b)
+    assert summary["evals"][-1]["eval/char_acc"] == pytest.approx(
+        json.loads((reference / "summary.json").read_text())["evals"][-1]["eval/char_acc"], abs=1e-6
+    )

@@ -249,6 +249,7 @@ def save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, out: Path,
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # DeepSpeed: every rank's shards are written before the folder is renamed
     if accelerator.is_main_process:
         compressions = {
             name: dict(layer.mora_compression)
@@ -363,8 +364,9 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
             save_checkpoint(accelerator, model, out, done, {"tokens": tokens_seen})
     bar.close()
     accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # every rank: ZeRO-3 gathers its partitioned parameters here
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(out / "adapter")
+        accelerator.unwrap_model(model).save_pretrained(out / "adapter", state_dict=state_dict)
         tokenizer.save_pretrained(out / "adapter")  # an FFT run's folder is then a loadable base model
     return {
         "task": cfg.task.name,
