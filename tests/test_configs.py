@@ -29,7 +29,8 @@ def test_every_composition_validates(experiment, profile, adapter):
     world = 8 if profile == "paper" else 1
     validate(cfg, world)
     if experiment == "table2":
-        assert {c["name"] for c in cfg.grid[profile]} == {"fft", "lora-r8", "mora-r8", "lora-r256", "mora-r256"}
+        names = {"fft", "lora-r8", "mora-r8", "lora-r256", "mora-r256", "mora-r256-rope"}
+        assert {c["name"] for c in cfg.grid[profile]} == names
 
 
 def test_table2_paper_profile_is_the_papers_setup():

@@ -102,6 +102,7 @@ def test_table2_report_from_runs(tmp_path):
     cells = [
         {"name": "fft", "adapter": "fft", "lrs": [1e-3]},
         {"name": "mora-r8", "adapter": "mora", "r": 2, "compression": "rope", "lrs": [1e-3, 1e-2]},
+        {"name": "mora-r256-rope", "adapter": "mora", "r": 2, "compression": "rope", "paper": None, "lrs": [1e-2]},
     ]
     for cell in cells:
         for lr in cell["lrs"]:
@@ -114,10 +115,12 @@ def test_table2_report_from_runs(tmp_path):
     rows = list(csv.DictReader(paths[1].open()))
     assert tuple(rows[0]) == CSV_COLUMNS
     ours = [r for r in rows if r["source"] == "ours"]
-    assert {r["method"] for r in ours} == {"FFT", "MoRA"} and {r["seed"] for r in ours} == {"0", "1"}
+    assert {r["method"] for r in ours} == {"FFT", "MoRA (rope)"} and {r["seed"] for r in ours} == {"0", "1"}
     assert len([r for r in rows if r["source"] == "paper"]) == 20
     table = paths[0].read_text()
-    assert "| MoRA | 8 | 10.1 | 15.7 | 87.4 | 100 |" in table and "±" in table
+    assert "| MoRA (rope) | 8 | 10.1 | 15.7 | 87.4 | 100 |" in table and "±" in table
+    assert "| MoRA (rope) |  |  |  |  |  | " in table  # a row of ours alone has no paper numbers
+    assert "0.01 ↑" in table or "0.001 ↓" in table  # the best LR of a 2-point grid sits at an edge, marked
     assert (tmp_path / "out" / "runs" / "tiny" / "fft-lr0.001-s0" / "config.yaml").exists()
     assert (tmp_path / "out" / "runs" / "tiny" / "fft-lr0.001-s0" / "env.json").exists()
 

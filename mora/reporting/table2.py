@@ -29,6 +29,12 @@ METHOD_NAMES = {"fft": "FFT", "lora": "LoRA", "mora": "MoRA"}
 CSV_COLUMNS = ("source", "method", "rank", "trainable_params", "step", "char_acc", "seed")
 
 
+def method_label(summary: dict[str, Any]) -> str:
+    """FFT, LoRA, or MoRA with its operator (the paper leaves the UUID operator ambiguous, PAPER.md §2.6)."""
+    name = METHOD_NAMES[summary["method"]]
+    return f"{name} ({summary['compression']})" if summary["method"] == "mora" else name
+
+
 def load_runs(root: Path) -> list[dict[str, Any]]:
     """Finished runs under root: summary, config and metrics of each."""
     runs = []
@@ -90,7 +96,7 @@ def write_csv(path: Path, chosen: dict[str, list[dict[str, Any]]]) -> None:
                     writer.writerow(
                         [
                             "ours",
-                            METHOD_NAMES[s["method"]],
+                            method_label(s),
                             s["rank"] if s["rank"] is not None else "-",
                             s["trainable_params"],
                             step,
@@ -106,8 +112,10 @@ def write_markdown(path: Path, chosen: dict[str, list[dict[str, Any]]], profile:
         f"# Table 2: UUID memorization, character-level accuracy (%) — profile `{profile}`",
         "",
         "Paper (LLaMA-2-7B, 10,000 pairs, steps 300 / 500 / 700 / 900) beside ours (mean ± std over seeds at the",
-        "learning rate of each cell's grid with the best mean accuracy). Built by `mora.reporting.table2` from the",
-        "run folders copied to `runs/`; each holds its config.yaml, summary.json and metrics.jsonl.",
+        "learning rate of each cell's grid with the best mean accuracy over the evaluated steps; ↑ / ↓ mark a best LR",
+        "at the top / bottom of its grid). Built by `mora.reporting.table2` from the run folders copied to `runs/`;",
+        "each holds its config.yaml, env.json, summary.json and metrics.jsonl. A row without paper numbers is ours",
+        "alone (e.g. the other MoRA operator at the high rank: the paper does not say which one its UUID runs used).",
         "",
         *(
             [f"Every cell starts from the base model trained in `runs/{profile}/base/` (see its config.yaml).", ""]
@@ -122,19 +130,28 @@ def write_markdown(path: Path, chosen: dict[str, list[dict[str, Any]]], profile:
         "|---" * (3 + len(PAPER_STEPS) + len(steps) + 3) + "|",
     ]
     for cell in cells:
-        name = cell["name"]
-        method, rank, _, accs = PAPER_ROWS[name]
-        group = chosen.get(name, [])
+        paper_row = PAPER_ROWS.get(cell.get("paper", cell["name"]))
+        group = chosen.get(cell["name"], [])
         ours = [_mean_std([_acc_by_step(r)[s] for r in group]) for s in steps] if group else ["–"] * len(steps)
         s0 = group[0]["summary"] if group else {}
+        method = method_label(s0) if group else cell["name"]
+        rank, accs = (paper_row[1], [f"{a:g}" for a in paper_row[3]]) if paper_row else ("", [""] * len(PAPER_STEPS))
         lines.append(
             f"| {method} | {rank} | "
-            + " | ".join(f"{a:g}" for a in accs)
+            + " | ".join(accs)
             + f" | {s0.get('rank') or '-'} | "
             + " | ".join(ours)
-            + f" | {s0.get('lr', '–')} | {len(group)} | {s0.get('trainable_params', 0):,} |"
+            + f" | {_lr_cell(s0.get('lr'), cell['lrs'])} | {len(group)} | {s0.get('trainable_params', 0):,} |"
         )
     path.write_text("\n".join(lines) + "\n")
+
+
+def _lr_cell(lr: float | None, grid: list[float]) -> str:
+    # the chosen LR, marked where it sits at an edge of a grid of several (the optimum may lie beyond it)
+    if lr is None:
+        return "–"
+    edge = " ↑" if len(grid) > 1 and lr == max(grid) else " ↓" if len(grid) > 1 and lr == min(grid) else ""
+    return f"{lr:g}{edge}"
 
 
 def _curve(run: dict[str, Any], key: str) -> tuple[list[int], list[float]]:
@@ -153,10 +170,17 @@ def plot(path: Path, chosen: dict[str, list[dict[str, Any]]], profile: str) -> N
     import matplotlib.pyplot as plt
 
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    styles = {"fft": "k-", "lora-r8": "C0--", "mora-r8": "C1--", "lora-r256": "C0-", "mora-r256": "C1-"}
+    styles = {
+        "fft": "k-",
+        "lora-r8": "C0--",
+        "mora-r8": "C1--",
+        "lora-r256": "C0-",
+        "mora-r256": "C1-",
+        "mora-r256-rope": "C2-",
+    }
     for cell, group in chosen.items():
         s = group[0]["summary"]
-        label = f"{METHOD_NAMES[s['method']]}" + (f" r={s['rank']}" if s["rank"] else "")
+        label = method_label(s) + (f" r={s['rank']}" if s["rank"] else "")
         for ax, key in ((ax_acc, "eval/char_acc"), (ax_loss, "train/loss")):
             curves = [_curve(run, key) for run in group]
             steps = curves[0][0]
