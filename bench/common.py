@@ -65,7 +65,12 @@ def run_case(script: str, *args: str) -> dict[str, Any] | None:
 
 
 def machine() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+
     return {
+        "commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results")),
         "platform": platform.platform(),
         "processor": platform.processor(),
         "threads": torch.get_num_threads(),
@@ -76,9 +81,14 @@ def machine() -> dict[str, Any]:
 
 def write(name: str, payload: dict[str, Any], table: str) -> list[Path]:
     """Print the Markdown table and write results/bench/<name>.json (with the machine) and <name>.md."""
+    info = machine()
+    table += (
+        f"\nMeasured at commit {info['commit'][:7]}{' (with uncommitted changes)' if info['git_dirty'] else ''}, "
+        f"torch {info['torch']}, {info['threads']} threads, {info['device']}.\n"
+    )
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     paths = [RESULTS / f"{name}.json", RESULTS / f"{name}.md"]
-    paths[0].write_text(json.dumps({"machine": machine(), **payload}, indent=2))
+    paths[0].write_text(json.dumps({"machine": info, **payload}, indent=2))
     paths[1].write_text(table)
     return paths
