@@ -21,8 +21,8 @@ RESULTS = REPO_ROOT / "results" / "bench"
 LLAMA_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each function, timing them round-robin so drift in the machine hits all alike."""
+def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each function per round, timing them round-robin so drift in the machine hits all alike."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -32,7 +32,20 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each function, timed round-robin."""
+    return {name: statistics.median(ts) for name, ts in interleaved_times(fns, repeats, warmup).items()}
+
+
+def paired_ratios(times: dict[str, list[float]], baseline: str) -> dict[str, float]:
+    """Median over rounds of (time / the baseline's time in the same round): a slow or fast moment of a shared
+    machine moves both terms of a ratio, where a ratio of two medians would keep it."""
+    return {
+        name: statistics.median(t / b for t, b in zip(ts, times[baseline], strict=True)) for name, ts in times.items()
+    }
 
 
 def extra_flops_fwd_bwd(method: str, d_in: int, d_out: int, r: int, r_hat: int | None) -> float:

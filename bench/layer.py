@@ -1,6 +1,7 @@
 """Per-layer speed: forward and forward+backward of one LLaMA-7B-shaped layer, frozen base alone vs LoRA (PEFT),
 DoRA (PEFT) and every MoRA operator, with the input requiring grad as inside a model. Ratios to the base layer,
-timed interleaved in one process (medians), beside each variant's FLOP floor.
+each timed against the base in the same round (rounds interleaved in one process; median over rounds),
+beside each variant's FLOP floor.
 
     python bench/layer.py                       # LLaMA-7B shapes, 2x256 and 1x2048 tokens, float32
     python bench/layer.py --tokens 2x256 --dtype bfloat16 --repeats 5
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import LLAMA_SHAPES, floor_ratio, interleaved_medians, write  # noqa: E402
+from bench.common import LLAMA_SHAPES, floor_ratio, interleaved_times, paired_ratios, write  # noqa: E402
 from mora import MoraConfig  # noqa: E402
 from mora.adapters.mora import COMPRESSIONS  # noqa: E402
 from mora.adapters.peft_tuner import MoraLinear  # noqa: E402
@@ -68,8 +70,9 @@ def bench_shape(d_in, d_out, batch, seq, dtype, ranks, operators, repeats):
 
         return step
 
-    fwd = interleaved_medians({n: forward(m) for n, (m, *_) in layers.items()}, repeats)
-    both = interleaved_medians({n: forward_backward(m) for n, (m, *_) in layers.items()}, repeats)
+    fwd = interleaved_times({n: forward(m) for n, (m, *_) in layers.items()}, repeats)
+    both = interleaved_times({n: forward_backward(m) for n, (m, *_) in layers.items()}, repeats)
+    fwd_ratio, both_ratio = paired_ratios(fwd, "base"), paired_ratios(both, "base")
     rows = []
     for name, (_, method, r, r_hat) in layers.items():
         rows.append(
@@ -80,10 +83,11 @@ def bench_shape(d_in, d_out, batch, seq, dtype, ranks, operators, repeats):
                 "method": method,
                 "r": r,
                 "r_hat": r_hat,
-                "fwd_s": fwd[name],
-                "fwd_bwd_s": both[name],
-                "fwd_ratio": fwd[name] / fwd["base"],
-                "fwd_bwd_ratio": both[name] / both["base"],
+                "fwd_s": statistics.median(fwd[name]),
+                "fwd_bwd_s": statistics.median(both[name]),
+                "fwd_ratio": fwd_ratio[name],
+                "fwd_bwd_ratio": both_ratio[name],
+                "fwd_bwd_round_ratios": [t / b for t, b in zip(both[name], both["base"], strict=True)],
                 "floor": floor_ratio(method, d_in, d_out, r, r_hat),
             }
         )
@@ -94,17 +98,20 @@ def markdown(rows: list[dict], dtype: str) -> str:
     lines = [
         f"# Per-layer speed ({dtype}, CPU threads: {torch.get_num_threads()})",
         "",
-        "Ratio of each variant's median time to the frozen base layer's, measured interleaved in one process; "
+        "Ratio of each variant's time to the frozen base layer's in the same round (rounds interleaved in one "
+        "process), median over rounds, with the rounds' range; "
         "`floor` is the forward+backward FLOP floor 1 + extra / (4 d_in d_out) (backward of a frozen base is dx only).",
         "",
-        "| shape | tokens | variant | r_hat | fwd ratio | fwd+bwd ratio | floor | gap to floor (points) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| shape | tokens | variant | r_hat | fwd ratio | fwd+bwd ratio | rounds (min–max) | floor | gap to floor "
+        "(points) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         gap = 100 * (row["fwd_bwd_ratio"] - row["floor"])
+        rounds = row["fwd_bwd_round_ratios"]
         lines.append(
             f"| {row['shape']} | {row['tokens']} | {row['variant']} | {row['r_hat'] or ''} | {row['fwd_ratio']:.3f} | "
-            f"{row['fwd_bwd_ratio']:.3f} | {row['floor']:.3f} | {gap:+.1f} |"
+            f"{row['fwd_bwd_ratio']:.3f} | {min(rounds):.3f}–{max(rounds):.3f} | {row['floor']:.3f} | {gap:+.1f} |"
         )
     return "\n".join(lines) + "\n"
 
