@@ -1,6 +1,6 @@
-"""Merge cost per layer and operator: time of delta_weight and of the merge (W += dW), beside the time of one copy of
-the weight (the memory floor), and the peak extra memory of the merge over the weight, measured in a fresh process
-per case (ru_maxrss).
+"""Merge cost per layer and operator: time of delta_weight and of the merge (`add_delta_weight_`: W += dW in place,
+what MoraLinear.merge runs), beside the time of one copy of the weight (the memory floor), and the peak extra
+memory of the merge over the weight, measured in a fresh process per case (ru_maxrss).
 
     python bench/merge.py [--ranks 8 256] [--repeats 3]
 """
@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import LLAMA_SHAPES, interleaved_medians, run_case, write  # noqa: E402
 from mora.adapters.mora import (  # noqa: E402
     COMPRESSIONS,
+    add_delta_weight_,
     check_shapes,
     delta_weight,
     r_hat,
@@ -37,13 +38,13 @@ def one_case(d_in: int, d_out: int, operator: str, r: int, repeats: int) -> dict
     M = torch.randn(size, size) * 0.01
     tables = rope_tables(size, surviving_chunks(d_in, d_out, size)) if operator == "rope" else None
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    W.add_(delta_weight(M, d_in, d_out, operator, tables))
+    add_delta_weight_(W, M, operator, tables)  # what MoraLinear.merge runs
     peak_extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
     times = interleaved_medians(
         {
             "copy": lambda: W.clone(),
             "delta_weight": lambda: delta_weight(M, d_in, d_out, operator, tables),
-            "merge": lambda: W.add_(delta_weight(M, d_in, d_out, operator, tables)),
+            "merge": lambda: add_delta_weight_(W, M, operator, tables),
         },
         repeats,
     )
@@ -81,8 +82,9 @@ def main() -> None:
     lines = [
         f"# Merge cost per layer (float32, CPU threads: {torch.get_num_threads()})",
         "",
-        "`merge / copy`: median time of `W += delta_weight(M)` over the median time of `W.clone()` (one copy of the",
-        "weight, the memory floor). `peak extra`: peak memory of the merge above the weight, in units of the weight.",
+        "`merge / copy`: median time of `add_delta_weight_(W, M)` (W += dW in place, what `merge()` runs) over the",
+        "median time of `W.clone()` (one copy of the weight, the memory floor). `peak extra`: peak memory of the merge",
+        "above the weight, in units of the weight.",
         "",
         "| shape | operator | r | r_hat | copy (ms) | delta_weight (ms) | merge (ms) | merge / copy | peak extra |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -1,7 +1,8 @@
 """MoRA (arXiv 2405.12130, Eq. 2): delta(x) = f_decomp(M @ f_comp(x)), with one square M of shape (r_hat, r_hat).
 
 Pure functions, torch only. `delta` is the forward path, `delta_weight` the (d_out, d_in) matrix that merges into
-the base weight (Eq. 3): for every operator `delta(x) == x @ delta_weight(M, ...).T`.
+the base weight (Eq. 3): for every operator `delta(x) == x @ delta_weight(M, ...).T`. `add_delta_` and
+`add_delta_weight_` are their in-place fast paths (the layer's forward and merge), tested against them.
 
 Operators (`compression`), with the authors' `mora_type` numbers kept only in OFFICIAL_TYPES:
 
@@ -388,26 +389,10 @@ def delta_weight(
         dW = M.new_zeros(d_out, d_in)
         dW[:size, :size] = M
         return dW
-    if compression in _SHARING_GROUPS:
-        grouping_in, grouping_out = _SHARING_GROUPS[compression]
-        if grouping_in == "cyclic":
-            padded = n_chunks(d_in, size) * size
-            cols = _fold(M[:, torch.arange(padded, device=M.device) % size], d_in)  # (size, d_in)
-        else:
-            cols = M[:, _chunk_groups(d_in, size, M.device)]  # (size, d_in)
-        return cols[_out_groups(grouping_out, d_out, size, M.device)]  # (d_out, d_in)
-    s = surviving_chunks(d_in, d_out, size)
-    blocks = _rope_weights(M, s, tables) if compression == "rope" else M.expand(s, size, size)
-    width, whole = s * size, min(s, d_in // size)
-    # rows of blockdiag(P_0, ..., P_{s-1}) with padded input columns folded onto d_in, written in place: peak
-    # memory is the result plus width x d_in, never a width x width block-diagonal
-    rows = M.new_zeros(width, d_in)
-    if whole:
-        region = rows[: whole * size, : whole * size].unflatten(0, (whole, size)).unflatten(2, (whole, size))
-        region.diagonal(dim1=0, dim2=2).copy_(blocks[:whole].permute(1, 2, 0))  # (size, size, whole) view
-    if whole < s:  # the partial last chunk: its padded columns k read feature k mod d_in
-        columns = torch.arange(whole * size, width, device=M.device) % d_in
-        rows[whole * size :].index_add_(1, columns, blocks[whole])
+    rows = _weight_rows(M, d_in, d_out, compression, tables)  # (width, d_in)
+    if compression in _SHARING_GROUPS and _SHARING_GROUPS[compression][1] == "chunked":
+        return rows[_chunk_groups(d_out, size, M.device)]  # (d_out, d_in): contiguous groups of output rows
+    width = rows.shape[0]
     if width >= d_out:
         return rows[:d_out]
     out = M.new_empty(d_out, d_in)
@@ -415,6 +400,66 @@ def delta_weight(
     out[: reps * width].unflatten(0, (reps, width)).copy_(rows.unsqueeze(0).expand(reps, width, d_in))
     out[reps * width :].copy_(rows[:rest])
     return out
+
+
+def add_delta_weight_(
+    weight: Tensor,
+    M: Tensor,
+    compression: str,
+    tables: tuple[Tensor, Tensor] | None = None,
+    alpha: float = 1.0,
+) -> Tensor:
+    """weight (d_out, d_in) += alpha * delta_weight(M, d_in, d_out, compression), in place; returns weight.
+
+    The merge's fast path: where dW repeats a block of rows down d_out (every operator with a cyclic output), the
+    block is added through views of `weight`, so dW is never materialised (one pass over the weight). The block
+    and the addition are computed in M's dtype, then cast to the weight's."""
+    d_out, d_in = weight.shape
+    size = M.shape[0]
+    check_shapes(d_in, d_out, size, compression)
+    if compression == "truncation":
+        weight[:size, :size].add_(M.to(weight.dtype), alpha=alpha)
+    elif compression in _SHARING_GROUPS and _SHARING_GROUPS[compression][1] == "chunked":
+        weight.add_(delta_weight(M, d_in, d_out, compression, tables).to(weight.dtype), alpha=alpha)
+    else:
+        rows = _weight_rows(M, d_in, d_out, compression, tables)[:d_out]
+        _add_tiled_rows_(weight, rows.to(weight.dtype), alpha)
+    return weight
+
+
+def _add_tiled_rows_(out: Tensor, rows: Tensor, alpha: float = 1.0) -> Tensor:
+    # out (d_out, d_in) += alpha * rows (width, d_in) repeated down the rows of out and truncated to d_out
+    width = rows.shape[0]
+    reps, rest = divmod(out.shape[0], width)
+    if reps:
+        out[: reps * width].unflatten(0, (reps, width)).add_(rows.unsqueeze(0), alpha=alpha)
+    if rest:
+        out[reps * width :].add_(rows[:rest], alpha=alpha)
+    return out
+
+
+def _weight_rows(M: Tensor, d_in: int, d_out: int, compression: str, tables: tuple[Tensor, Tensor] | None) -> Tensor:
+    # the block of dW's rows that its output side repeats or regroups: (size, d_in) for the sharing family, the
+    # (s * size, d_in) rows of blockdiag(P_0, ..., P_{s-1}) for decouple / rope
+    size = M.shape[0]
+    if compression in _SHARING_GROUPS:
+        if _SHARING_GROUPS[compression][0] == "cyclic":
+            padded = n_chunks(d_in, size) * size
+            return _fold(M[:, torch.arange(padded, device=M.device) % size], d_in)  # (size, d_in)
+        return M[:, _chunk_groups(d_in, size, M.device)]  # (size, d_in)
+    s = surviving_chunks(d_in, d_out, size)
+    blocks = _rope_weights(M, s, tables) if compression == "rope" else M.expand(s, size, size)
+    width, whole = s * size, min(s, d_in // size)
+    # padded input columns folded onto d_in, written in place: peak memory is width x d_in, never a width x width
+    # block-diagonal
+    rows = M.new_zeros(width, d_in)
+    if whole:
+        region = rows[: whole * size, : whole * size].unflatten(0, (whole, size)).unflatten(2, (whole, size))
+        region.diagonal(dim1=0, dim2=2).copy_(blocks[:whole].permute(1, 2, 0))  # (size, size, whole) view
+    if whole < s:  # the partial last chunk: its padded columns k read feature k mod d_in
+        columns = torch.arange(whole * size, width, device=M.device) % d_in
+        rows[whole * size :].index_add_(1, columns, blocks[whole])
+    return rows
 
 
 def _fold(cols: Tensor, d_in: int) -> Tensor:

@@ -8,6 +8,7 @@ from mora.adapters.mora import (
     COMPRESSIONS,
     OFFICIAL_TYPES,
     add_delta_,
+    add_delta_weight_,
     check_shapes,
     delta,
     delta_weight,
@@ -270,3 +271,17 @@ def test_both_chunk_product_paths_match_delta_weight(monkeypatch, path, threshol
             want = torch.autograd.grad(reference, wrt, grad, retain_graph=True)
             for a, b in zip(got, want, strict=True):
                 assert torch.allclose(a, b, atol=1e-10), path
+
+
+@pytest.mark.parametrize("compression,d_in,d_out,size", CASES)
+def test_in_place_merge_equals_adding_delta_weight(compression, d_in, d_out, size):
+    # the merge's fast path adds dW's repeated rows through views of the weight; also on a transposed weight
+    # (Conv1D) and with alpha = -1 (unmerge)
+    torch.manual_seed(11)
+    M = torch.randn(size, size, dtype=torch.float64)
+    W = torch.randn(d_out, d_in, dtype=torch.float64)
+    dW = delta_weight(M, d_in, d_out, compression)
+    assert torch.allclose(add_delta_weight_(W.clone(), M, compression), W + dW, atol=1e-12)
+    transposed = W.T.clone()  # (d_in, d_out) storage, merged through its (d_out, d_in) view
+    add_delta_weight_(transposed.T, M, compression, alpha=-1.0)
+    assert torch.allclose(transposed.T, W - dW, atol=1e-12)

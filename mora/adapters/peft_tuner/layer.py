@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from mora.adapters.mora import (
     add_delta_,
+    add_delta_weight_,
     check_shapes,
     delta_weight,
     r_hat,
@@ -149,14 +150,13 @@ class MoraLinear(nn.Module, MoraLayer):
         for name in adapter_names:
             if name not in self.mora_M:
                 continue
-            dW = self.get_delta_weight(name).to(weight.dtype)
             if safe_merge:
-                merged = weight.data + dW
+                merged = self._add_delta_weight_(weight.data.clone(), name, 1.0)
                 if not torch.isfinite(merged).all():
                     raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
                 weight.data.copy_(merged)
             else:
-                weight.data.add_(dW)
+                self._add_delta_weight_(weight.data, name, 1.0)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -168,7 +168,14 @@ class MoraLinear(nn.Module, MoraLayer):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.mora_M:
-                weight.data.sub_(self.get_delta_weight(name).to(weight.dtype))
+                self._add_delta_weight_(weight.data, name, -1.0)
+
+    def _add_delta_weight_(self, weight: Tensor, adapter_name: str, alpha: float) -> Tensor:
+        # weight += alpha * dW in place, without materialising dW where the operator allows (mora.add_delta_weight_)
+        target = weight.T if self.fan_in_fan_out else weight  # Conv1D stores (d_in, d_out)
+        M = self.mora_M[adapter_name]
+        add_delta_weight_(target, M, self.mora_compression[adapter_name], self._tables(adapter_name), alpha)
+        return weight
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if self.disable_adapters:
