@@ -225,13 +225,16 @@ def test_two_processes_give_the_one_process_loss_curve(tmp_path, pretrained_base
 
 
 @pytest.mark.multiprocess
-def test_deepspeed_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, pretrained_base):
+@pytest.mark.parametrize("launcher,port", [("deepspeed_zero2", 29531), ("deepspeed_zero3", 29541)])
+def test_deepspeed_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, pretrained_base, launcher, port):
     steps = ["train.steps=120", "train.eval_steps=[120]", "train.checkpoint_every=10"]  # long enough to be killed
     overrides = [*COMMON, *steps, f"model.pretrained={pretrained_base}"]
+    if launcher == "deepspeed_zero3":  # partition every parameter (see the parity test)
+        overrides.append("launcher.deepspeed_overrides={zero_optimization:{stage3_param_persistence_threshold:0}}")
     reference = tmp_path / "reference"
-    _wait(_launch("deepspeed_zero2", [*overrides, f"run.dir={reference}"], port=29531))
+    _wait(_launch(launcher, [*overrides, f"run.dir={reference}"], port=port))
     killed = tmp_path / "killed"
-    first = _launch("deepspeed_zero2", [*overrides, f"run.dir={killed}"], port=29532)[0]
+    first = _launch(launcher, [*overrides, f"run.dir={killed}"], port=port + 1)[0]
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "step-20" / "state.json").exists():
         assert first.poll() is None and time.time() < deadline, "the run ended before it could be killed"
@@ -241,7 +244,7 @@ def test_deepspeed_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, p
         os.kill(pid, signal.SIGKILL)
     first.communicate()
     assert not (killed / "summary.json").exists(), "the run was not killed before it ended"
-    _wait(_launch("deepspeed_zero2", [*overrides, f"run.dir={killed}"], port=29533))
+    _wait(_launch(launcher, [*overrides, f"run.dir={killed}"], port=port + 2))
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["resumed_from"] >= 20
     expected, got = _train_records(reference), _train_records(killed)
