@@ -163,13 +163,6 @@ def _chunk_groups(dim: int, size: int, device: torch.device) -> Tensor:
     return torch.where(i < split, i // (q + 1), m + (i - split).clamp(min=0) // q)
 
 
-def _out_groups(grouping: str, d_out: int, size: int, device: torch.device) -> Tensor:
-    # (d_out,) -> row of M feeding each output feature
-    if grouping == "cyclic":
-        return torch.arange(d_out, device=device) % size
-    return _chunk_groups(d_out, size, device)
-
-
 def _compress_sharing(x: Tensor, size: int, grouping: str) -> Tensor:
     # (..., d_in) -> (..., size)
     d_in = x.shape[-1]
