@@ -191,12 +191,6 @@ def _decompress_sharing(y: Tensor, d_out: int, grouping: str) -> Tensor:
     return y.index_select(-1, _chunk_groups(d_out, size, y.device))
 
 
-def _rope_weights(M: Tensor, s: int, tables: tuple[Tensor, Tensor] | None) -> Tensor:
-    # (size, size) -> (s, size, size): the block P_c = M R_c acting on chunk c
-    cos, sin = _tables(M.shape[0], s, tables, M)
-    return _rotate_columns(M, cos, sin)
-
-
 def _rotate_columns(M: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     # (size, size), (s, size) -> (s, size, size): M R_c = M * cos_c + swap(M) * sin_c, column-wise
     half = M.shape[1] // 2
@@ -447,7 +441,8 @@ def _weight_rows(M: Tensor, d_in: int, d_out: int, compression: str, tables: tup
             return _fold(M[:, torch.arange(padded, device=M.device) % size], d_in)  # (size, d_in)
         return M[:, _chunk_groups(d_in, size, M.device)]  # (size, d_in)
     s = surviving_chunks(d_in, d_out, size)
-    blocks = _rope_weights(M, s, tables) if compression == "rope" else M.expand(s, size, size)
+    cos, sin = _tables(size, s, tables, M) if compression == "rope" else (None, None)
+    blocks = _blocks(M, s, cos, sin)  # (s, size, size)
     width, whole = s * size, min(s, d_in // size)
     # padded input columns folded onto d_in, written in place: peak memory is width x d_in, never a width x width
     # block-diagonal
