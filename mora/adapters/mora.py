@@ -347,7 +347,10 @@ def add_delta_(
     backward)."""
     d_out, size = out.shape[-1], M.shape[0]
     check_shapes(x.shape[-1], d_out, size, compression)
-    if compression in _CHUNK_OPERATORS:
+    recording = torch.is_grad_enabled() and (x.requires_grad or M.requires_grad)
+    if not recording and compression in VJP_COMPRESSIONS and out.is_contiguous():
+        _add_delta_no_grad_(out.view(-1, d_out), x.reshape(-1, x.shape[-1]), M, compression, tables)
+    elif compression in _CHUNK_OPERATORS:
         _add_tiled_(out, _chunk_outputs(x, M, d_out, compression, tables))
     elif compression in _SHARING_GROUPS and _SHARING_GROUPS[compression][1] == "cyclic":
         _add_tiled_(out, _compress_sharing(x, size, _SHARING_GROUPS[compression][0]) @ M.T)
@@ -356,6 +359,165 @@ def add_delta_(
     else:
         out.add_(delta(x, M, d_out, compression, tables))
     return out
+
+
+def _add_delta_no_grad_(out: Tensor, x: Tensor, M: Tensor, compression: str, tables: tuple[Tensor, Tensor] | None):
+    # out (N, d_out) += delta(x (N, d_in)) without autograd (inference, and the fused layer's forward): GEMMs on
+    # row-aligned operands, accumulated into out's columns where the operator allows
+    size = M.shape[0]
+    if compression in _CHUNK_OPERATORS:
+        _add_chunk_outputs_(out, x, M, compression, tables)
+    elif compression == "truncation":
+        out[:, :size].addmm_(x[:, :size], _ld_aligned(M).T)
+    else:  # sharing: (N, size) compressed input, tiled output
+        compressed = _ld_aligned(_compress_sharing(x, size, "cyclic"))
+        _add_tiled_(out, torch.mm(compressed, _ld_aligned(M).T, out=_aligned_empty(x.shape[0], size, x)))
+
+
+# Row strides of GEMM operands we allocate are rounded up to 64 bytes: on r_hat = 1966 (a row stride of 7864 bytes)
+# this CPU's BLAS ran at 135 GFLOP/s, on the same matrices with a 64-byte-multiple stride at 181-185 (LOG.md).
+_ALIGN_BYTES = 64
+
+
+def _aligned_empty(rows: int, cols: int, like: Tensor) -> Tensor:
+    # (rows, cols) view of an uninitialised buffer whose row stride is a multiple of _ALIGN_BYTES
+    step = _ALIGN_BYTES // like.element_size()
+    return like.new_empty(rows, -(-cols // step) * step)[:, :cols]
+
+
+def _ld_aligned(t: Tensor) -> Tensor:
+    # t (rows, cols) itself if its row stride is aligned, else an aligned copy
+    if t.stride(1) == 1 and (t.stride(0) * t.element_size()) % _ALIGN_BYTES == 0:
+        return t
+    return _aligned_empty(*t.shape, t).copy_(t)
+
+
+def _add_chunk_outputs_(out: Tensor, x: Tensor, M: Tensor, compression: str, tables: tuple[Tensor, Tensor] | None):
+    # out (N, d_out) += chunk outputs of x (N, d_in), no autograd: GEMMs per surviving chunk on column slices of x,
+    # accumulated straight into out's columns, with only the rows of P_c whose outputs survive truncation; a tiled
+    # output (s * size < d_out) goes through one (N, s * size) buffer. No copy of x, not even of a wrapping chunk.
+    d_in, d_out, size = x.shape[1], out.shape[1], M.shape[0]
+    s = surviving_chunks(d_in, d_out, size)
+    cos, sin = _tables(size, s, tables, x) if compression == "rope" else (None, None)
+    tiled = s * size < d_out
+    target = _aligned_empty(out.shape[0], s * size, out) if tiled else out
+    buf = _aligned_empty(size, size, M) if cos is not None else _ld_aligned(M)  # P_c, reused by every chunk
+    for c in range(s):
+        lo, hi = c * size, min((c + 1) * size, d_out)
+        block = _chunk_block(M[: hi - lo], c, cos, sin, buf)  # (k, size): the surviving rows of P_c
+        for i, (j, f, length) in enumerate(_runs(c, size, d_in)):
+            target[:, lo:hi].addmm_(x[:, f : f + length], block[:, j : j + length].T, beta=0 if tiled and not i else 1)
+    if tiled:
+        _add_tiled_(out, target)
+
+
+def _runs(c: int, size: int, d_in: int) -> list[tuple[int, int, int]]:
+    # chunk c of the wrap-padded input as runs of contiguous features: (column in the chunk, first feature, length)
+    runs, j = [], 0
+    while j < size:
+        f = (c * size + j) % d_in
+        length = min(size - j, d_in - f)
+        runs.append((j, f, length))
+        j += length
+    return runs
+
+
+def _chunk_block(M: Tensor, c: int, cos: Tensor | None, sin: Tensor | None, buf: Tensor) -> Tensor:
+    # P_c = M (decouple: buf holds M) or M R_c (rope: rotated into buf) on M's first k rows: (k, size), no allocation
+    if cos is None:
+        return buf[: M.shape[0]]
+    half, P = M.shape[1] // 2, buf[: M.shape[0]]
+    torch.mul(M, cos[c], out=P)
+    P[:, :half].addcmul_(M[:, half:], sin[c, :half])
+    P[:, half:].addcmul_(M[:, :half], sin[c, half:], value=-1)
+    return P
+
+
+def _add_unrotated_(grad_M: Tensor, grad_P: Tensor, cos: Tensor, sin: Tensor) -> None:
+    # grad_M (k, size) += the adjoint of _chunk_block's rotation applied to grad_P (k, size); cos, sin (size,)
+    half = grad_M.shape[1] // 2
+    grad_M[:, :half].addcmul_(grad_P[:, :half], cos[:half]).addcmul_(grad_P[:, half:], sin[half:], value=-1)
+    grad_M[:, half:].addcmul_(grad_P[:, half:], cos[half:]).addcmul_(grad_P[:, :half], sin[:half])
+
+
+VJP_COMPRESSIONS: tuple[str, ...] = ("truncation", "sharing", "decouple", "rope")
+
+
+def delta_vjp_(
+    grad_out: Tensor,
+    x: Tensor,
+    M: Tensor,
+    compression: str,
+    tables: tuple[Tensor, Tensor] | None = None,
+    grad_x: Tensor | None = None,
+    want_M: bool = True,
+) -> Tensor | None:
+    """Backward of `delta` by hand: grad_x += J_x^T grad_out in place (when given), and return grad_M (when wanted).
+
+    grad_out (..., d_out), x and grad_x (..., d_in), grad_x contiguous. For the fused layer, whose backward adds the
+    adapter's input gradient into the base layer's (no second (..., d_in) buffer, no sum); chunk operators run one
+    GEMM per surviving chunk on strided column slices. Operators: VJP_COMPRESSIONS."""
+    d_in, d_out, size = x.shape[-1], grad_out.shape[-1], M.shape[0]
+    check_shapes(d_in, d_out, size, compression)
+    if compression not in VJP_COMPRESSIONS:
+        raise ValueError(f"delta_vjp_ covers {', '.join(VJP_COMPRESSIONS)}, not {compression!r}; use autograd")
+    g, x = grad_out.reshape(-1, d_out), x.reshape(-1, d_in)
+    gx = None if grad_x is None else grad_x.view(-1, d_in)
+    if compression == "truncation":
+        g = g[:, :size]
+        if gx is not None:
+            gx[:, :size].addmm_(g, _ld_aligned(M))
+        return torch.mm(g.T, x[:, :size], out=_aligned_empty(size, size, M)).contiguous() if want_M else None
+    if compression == "sharing":
+        g = _ld_aligned(_fold_tiles(g, size))  # (N, size)
+        if gx is not None:
+            _add_unfolded_(gx, torch.mm(g, _ld_aligned(M), out=_aligned_empty(g.shape[0], size, g)))
+        if not want_M:
+            return None
+        compressed = _ld_aligned(_compress_sharing(x, size, "cyclic"))  # (N, size)
+        return torch.mm(g.T, compressed, out=_aligned_empty(size, size, M)).contiguous()
+    s = surviving_chunks(d_in, d_out, size)
+    cos, sin = _tables(size, s, tables, x) if compression == "rope" else (None, None)
+    g = _ld_aligned(_fold_tiles(g, s * size)) if s * size < d_out else g  # (N, min(s * size, d_out))
+    grad_M = _aligned_empty(size, size, M).zero_() if want_M else None
+    buf = _aligned_empty(size, size, M) if cos is not None else _ld_aligned(M)  # P_c, reused by every chunk
+    grad_P = _aligned_empty(size, size, M) if cos is not None and want_M else None  # a chunk's, before unrotating
+    for c in range(s):
+        lo, hi = c * size, min((c + 1) * size, g.shape[1])
+        g_c = g[:, lo:hi]  # (N, k)
+        block = _chunk_block(M[: hi - lo], c, cos, sin, buf) if gx is not None else None  # (k, size)
+        for j, f, length in _runs(c, size, d_in):
+            if gx is not None:
+                gx[:, f : f + length].addmm_(g_c, block[:, j : j + length])
+            if grad_M is not None:
+                into = grad_M if grad_P is None else grad_P
+                into[: hi - lo, j : j + length].addmm_(g_c.T, x[:, f : f + length], beta=1 if grad_P is None else 0)
+        if grad_P is not None:
+            _add_unrotated_(grad_M[: hi - lo], grad_P[: hi - lo], cos[c], sin[c])
+    return None if grad_M is None else grad_M.contiguous()
+
+
+def _fold_tiles(g: Tensor, width: int) -> Tensor:
+    # adjoint of tiling to d_out: (N, d_out) -> (N, width), the sum of g's width-wide tiles (the last may be partial)
+    d_out = g.shape[1]
+    reps, rest = divmod(d_out, width)
+    if not reps:
+        return torch.nn.functional.pad(g, (0, width - d_out))
+    folded = g[:, : reps * width].unflatten(1, (reps, width)).sum(1)
+    if rest:
+        folded[:, :rest] += g[:, reps * width :]
+    return folded
+
+
+def _add_unfolded_(gx: Tensor, g: Tensor) -> None:
+    # adjoint of the cyclic sharing compression, added in place: gx (N, d_in) += g (N, size) at feature k mod d_in
+    # for every position k of the wrap-padded input (group k mod size)
+    d_in, size = gx.shape[1], g.shape[1]
+    _add_tiled_(gx, g)
+    padded = n_chunks(d_in, size) * size
+    if padded > d_in:
+        k = torch.arange(d_in, padded, device=g.device)
+        gx.index_add_(1, k % d_in, g[:, k % size])
 
 
 def _add_tiled_(out: Tensor, y: Tensor) -> None:

@@ -7,10 +7,12 @@ from mora.adapters import mora as mora_math
 from mora.adapters.mora import (
     COMPRESSIONS,
     OFFICIAL_TYPES,
+    VJP_COMPRESSIONS,
     add_delta_,
     add_delta_weight_,
     check_shapes,
     delta,
+    delta_vjp_,
     delta_weight,
     r_hat,
     rope_tables,
@@ -285,3 +287,44 @@ def test_in_place_merge_equals_adding_delta_weight(compression, d_in, d_out, siz
     transposed = W.T.clone()  # (d_in, d_out) storage, merged through its (d_out, d_in) view
     add_delta_weight_(transposed.T, M, compression, alpha=-1.0)
     assert torch.allclose(transposed.T, W - dW, atol=1e-12)
+
+
+WRAPS_TWICE = [(c, 5, 7, 12) for c in ("sharing", "decouple", "rope")]  # r_hat > 2 d_in: the padding wraps twice
+VJP_CASES = [case for case in CASES if case[0] in VJP_COMPRESSIONS] + WRAPS_TWICE
+
+
+@pytest.mark.parametrize("compression,d_in,d_out,size", VJP_CASES)
+def test_hand_written_vjp_equals_autograd_through_delta_weight(compression, d_in, d_out, size):
+    # delta_vjp_ adds J_x^T g into a gradient that already holds something (the base layer's), with batch dims, a
+    # non-contiguous x and grad_out; grad_x or grad_M alone
+    torch.manual_seed(12)
+    M = torch.randn(size, size, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 2, d_in, dtype=torch.float64).transpose(0, 1).requires_grad_()  # (2, 4, d_in), strided
+    g = torch.randn(4, 2, d_out, dtype=torch.float64).transpose(0, 1)
+    want_x, want_M = torch.autograd.grad(x @ delta_weight(M, d_in, d_out, compression).T, (x, M), g)
+    already = torch.randn(2, 4, d_in, dtype=torch.float64)
+    grad_x = already.clone()
+    grad_M = delta_vjp_(g, x.detach(), M.detach(), compression, grad_x=grad_x)
+    assert torch.allclose(grad_x, already + want_x, atol=1e-12)
+    assert torch.allclose(grad_M, want_M, atol=1e-12) and grad_M.is_contiguous()
+    assert torch.allclose(delta_vjp_(g, x.detach(), M.detach(), compression), want_M, atol=1e-12)
+    only_x = already.clone()
+    assert delta_vjp_(g, x.detach(), M.detach(), compression, grad_x=only_x, want_M=False) is None
+    assert torch.equal(only_x, grad_x)
+
+
+@pytest.mark.parametrize("compression,d_in,d_out,size", CASES + WRAPS_TWICE)
+def test_no_grad_path_equals_the_plain_delta(compression, d_in, d_out, size):
+    # without autograd, add_delta_ accumulates GEMMs straight into the output (aligned copies of M, no copy of x)
+    torch.manual_seed(13)
+    M = torch.randn(size, size, dtype=torch.float64)
+    x = torch.randn(4, 2, d_in, dtype=torch.float64).transpose(0, 1)
+    base = torch.randn(2, 4, d_out, dtype=torch.float64)
+    with torch.no_grad():
+        fast = add_delta_(base.clone(), x, M, compression)
+    assert torch.allclose(fast, base + x @ delta_weight(M, d_in, d_out, compression).T, atol=1e-12)
+
+
+def test_vjp_refuses_operators_without_one():
+    with pytest.raises(ValueError, match="delta_vjp_ covers"):
+        delta_vjp_(torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(4, 4), "sharing_chunked")

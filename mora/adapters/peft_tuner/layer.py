@@ -12,7 +12,9 @@ from peft.utils import resolve_quantization_backend
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from mora.adapters.fused import fused_mora_linear
 from mora.adapters.mora import (
+    VJP_COMPRESSIONS,
     add_delta_,
     add_delta_weight_,
     check_shapes,
@@ -184,6 +186,9 @@ class MoraLinear(nn.Module, MoraLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        fusable = self._fusable(x, args, kwargs)
+        if fusable is not None:
+            return self._fused_forward(x, fusable)
         result = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
             if name not in self.mora_M:
@@ -193,6 +198,37 @@ class MoraLinear(nn.Module, MoraLayer):
             h = self.mora_dropout[name](x)  # each adapter draws its own mask from the same x
             add_delta_(result, h, M, self.mora_compression[name], self._tables(name))
         return result
+
+    def _fusable(self, x: Tensor, args: tuple, kwargs: dict) -> str | None:
+        # The one active adapter, where base + adapter may run as one autograd node (mora.adapters.fused): training
+        # (autograd recording), an operator with a hand-written backward, and a plain frozen nn.Linear/Conv1D that
+        # nothing hooks (DeepSpeed ZeRO-3 and accelerate's offload gather weights in hooks) in x's dtype, no autocast.
+        names = [name for name in self.active_adapters if name in self.mora_M]
+        if len(names) != 1 or args or kwargs or not torch.is_grad_enabled():
+            return None
+        base = self.get_base_layer()
+        weight, bias = base.weight, base.bias
+        plain = (
+            self.base_layer is base
+            and type(base) in (nn.Linear, Conv1D)
+            and not (base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__)
+            and not hasattr(weight, "ds_id")
+            and not weight.requires_grad
+        )
+        fits = (
+            self.mora_compression[names[0]] in VJP_COMPRESSIONS
+            and x.dtype == weight.dtype
+            and (bias is None or bias.dtype == x.dtype)
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+        return names[0] if plain and fits else None
+
+    def _fused_forward(self, x: Tensor, name: str) -> Tensor:
+        base = self.get_base_layer()
+        weight = base.weight.T if self.fan_in_fan_out else base.weight  # (d_out, d_in)
+        M = self.mora_M[name].to(x.dtype)
+        h = self.mora_dropout[name](x)  # x itself without dropout: its gradient then adds into the base layer's
+        return fused_mora_linear(x, h, weight, base.bias, M, self.mora_compression[name], self._tables(name))
 
     def __repr__(self) -> str:
         return "mora." + super().__repr__()
