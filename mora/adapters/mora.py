@@ -2,7 +2,8 @@
 
 Pure functions, torch only. `delta` is the forward path, `delta_weight` the (d_out, d_in) matrix that merges into
 the base weight (Eq. 3): for every operator `delta(x) == x @ delta_weight(M, ...).T`. `add_delta_` and
-`add_delta_weight_` are their in-place fast paths (the layer's forward and merge), tested against them.
+`add_delta_weight_` are their in-place fast paths (the layer's forward and merge), and `delta_vjp_` is delta's
+backward by hand (the fused training path, mora.adapters.fused), all tested against them.
 
 Operators (`compression`), with the authors' `mora_type` numbers kept only in OFFICIAL_TYPES:
 
@@ -198,84 +199,9 @@ def _rotate_columns(M: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return M * cos[:, None, :] + M_swapped * sin[:, None, :]
 
 
-def _unrotate_columns(grad_P: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # adjoint of _rotate_columns: (s, size, size) -> (size, size)
-    half = grad_P.shape[-1] // 2
-    through_sin = (grad_P * sin[:, None, :]).sum(0)
-    return (grad_P * cos[:, None, :]).sum(0) + torch.cat((-through_sin[:, half:], through_sin[:, :half]), dim=-1)
-
-
-PER_CHUNK_GEMM_SIZE = 1024  # at r_hat ~ 2000 one GEMM per chunk beat the batched product by up to 36% (LOG.md)
-PER_CHUNK_GEMM_DTYPES = (torch.float32, torch.float64)  # in bf16 on CPU the batched product was 4-10% faster
-
-
-def _per_chunk(M: Tensor) -> bool:
-    # few large float32 chunks: one GEMM each; otherwise one batched einsum
-    return M.shape[0] >= PER_CHUNK_GEMM_SIZE and M.dtype in PER_CHUNK_GEMM_DTYPES
-
-
-class _ChunkProduct(torch.autograd.Function):
-    """y[..., c, :] = P_c @ chunks[..., c, :], with P_c = M R_c (rope: cos, sin given) or P_c = M (decouple).
-    Saves `chunks` as given (a strided view of x: no copy) and M (r_hat^2 values), not the s rotated blocks, which
-    backward recomputes. Few large float32 chunks (r_hat >= PER_CHUNK_GEMM_SIZE) go through one GEMM per chunk, which
-    runs closer to the base layer's GEMM rate than the batched product there; the rest through one einsum."""
-
-    @staticmethod
-    def forward(ctx, chunks: Tensor, M: Tensor, cos: Tensor | None, sin: Tensor | None) -> Tensor:
-        ctx.save_for_backward(chunks, M, cos, sin)
-        if _per_chunk(M):
-            return _per_chunk_forward(chunks, M, cos, sin)
-        return torch.einsum("...sr,sor->...so", chunks, _blocks(M, chunks.shape[-2], cos, sin))
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor):
-        chunks, M, cos, sin = ctx.saved_tensors
-        want_chunks, want_M = ctx.needs_input_grad[:2]
-        if _per_chunk(M):
-            grad_chunks, grad_M = _per_chunk_backward(grad_y, chunks, M, cos, sin, want_chunks, want_M)
-            return grad_chunks, grad_M, None, None
-        grad_chunks = grad_M = None
-        if want_chunks:
-            grad_chunks = torch.einsum("...so,sor->...sr", grad_y, _blocks(M, chunks.shape[-2], cos, sin))
-        if want_M:
-            grad_P = torch.einsum("...so,...sr->sor", grad_y, chunks)  # (s, size, size)
-            grad_M = grad_P.sum(0) if cos is None else _unrotate_columns(grad_P, cos, sin)
-        return grad_chunks, grad_M, None, None
-
-
 def _blocks(M: Tensor, s: int, cos: Tensor | None, sin: Tensor | None) -> Tensor:
     # (size, size) -> (s, size, size): P_c = M (decouple, a broadcast view) or M R_c (rope)
     return M.expand(s, *M.shape) if cos is None else _rotate_columns(M, cos, sin)
-
-
-def _per_chunk_forward(chunks: Tensor, M: Tensor, cos: Tensor | None, sin: Tensor | None) -> Tensor:
-    # (..., s, size) -> (..., s, size), one GEMM per chunk written into the output's strided slices
-    flat = chunks.flatten(0, -3)  # (N, s, size): a view when x's leading dims are contiguous
-    y = flat.new_empty(flat.shape)
-    for c in range(flat.shape[1]):
-        torch.mm(flat[:, c], _block(M, c, cos, sin).T, out=y[:, c])
-    return y.unflatten(0, chunks.shape[:-2])
-
-
-def _per_chunk_backward(
-    grad_y: Tensor, chunks: Tensor, M: Tensor, cos: Tensor | None, sin: Tensor | None, want_chunks: bool, want_M: bool
-) -> tuple[Tensor | None, Tensor | None]:
-    # the adjoint of _per_chunk_forward, block by block: grad_chunk_c = grad_y_c P_c, grad_M += unrotate(grad_y_c^T x_c)
-    flat, grad_flat = chunks.flatten(0, -3), grad_y.flatten(0, -3)
-    grad_chunks = flat.new_empty(flat.shape) if want_chunks else None
-    grad_M = torch.zeros_like(M) if want_M else None
-    for c in range(flat.shape[1]):
-        if want_chunks:
-            torch.mm(grad_flat[:, c], _block(M, c, cos, sin), out=grad_chunks[:, c])
-        if want_M:
-            grad_P = grad_flat[:, c].T @ flat[:, c]  # (size, size)
-            grad_M += grad_P if cos is None else _unrotate_columns(grad_P[None], cos[c : c + 1], sin[c : c + 1])
-    return (None if grad_chunks is None else grad_chunks.unflatten(0, chunks.shape[:-2])), grad_M
-
-
-def _block(M: Tensor, c: int, cos: Tensor | None, sin: Tensor | None) -> Tensor:
-    # P_c of one chunk: (size, size)
-    return M if cos is None else _rotate_columns(M, cos[c : c + 1], sin[c : c + 1])[0]
 
 
 def _tables(size: int, s: int, tables: tuple[Tensor, Tensor] | None, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -309,32 +235,7 @@ def delta(
         grouping_in, grouping_out = _SHARING_GROUPS[compression]
         y = _compress_sharing(x, size, grouping_in) @ M.T  # (..., size)
         return _decompress_sharing(y, d_out, grouping_out)
-    return _decompress_sharing(_chunk_outputs(x, M, d_out, compression, tables), d_out, "cyclic")
-
-
-def _chunk_outputs(x: Tensor, M: Tensor, d_out: int, compression: str, tables: tuple[Tensor, Tensor] | None) -> Tensor:
-    # (..., d_in) -> (..., s * size): M (decouple) or P_c = M R_c (rope) applied to each surviving chunk. Rotating
-    # M (s r_hat^2 numbers) instead of x keeps no rotated copy of x for backward; only a wrap-padded last chunk
-    # (tokens x r_hat) is ever copied.
-    d_in, size = x.shape[-1], M.shape[0]
-    s = surviving_chunks(d_in, d_out, size)
-    whole = min(s, d_in // size)  # chunks that are plain views of x
-    cos, sin = _tables(size, s, tables, x) if compression == "rope" else (None, None)
-    parts = []
-    for first, count, partial in ((0, whole, False), (whole, s - whole, True)):  # views of x, then <= 1 partial
-        if not count:
-            continue
-        if not partial:
-            chunks = x[..., : count * size].unflatten(-1, (count, size))  # strided view: no copy of x
-        else:  # the wrap-padded last chunk: position k reads feature k mod d_in (tokens x r_hat values)
-            chunks = x.index_select(-1, torch.arange(first * size, s * size, device=x.device) % d_in)
-            chunks = chunks.unflatten(-1, (count, size))
-        if compression == "decouple":
-            y = _ChunkProduct.apply(chunks, M, None, None)
-        else:
-            y = _ChunkProduct.apply(chunks, M, cos[first : first + count], sin[first : first + count])
-        parts.append(y.flatten(-2))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    return add_delta_(x.new_zeros(*x.shape[:-1], d_out), x, M, compression, tables)
 
 
 def add_delta_(
@@ -348,10 +249,13 @@ def add_delta_(
     d_out, size = out.shape[-1], M.shape[0]
     check_shapes(x.shape[-1], d_out, size, compression)
     recording = torch.is_grad_enabled() and (x.requires_grad or M.requires_grad)
-    if not recording and compression in VJP_COMPRESSIONS and out.is_contiguous():
+    if not out.is_contiguous() and compression in _CHUNK_OPERATORS:
+        out.add_(delta(x, M, d_out, compression, tables))
+    elif not recording and compression in VJP_COMPRESSIONS and out.is_contiguous():
         _add_delta_no_grad_(out.view(-1, d_out), x.reshape(-1, x.shape[-1]), M, compression, tables)
-    elif compression in _CHUNK_OPERATORS:
-        _add_tiled_(out, _chunk_outputs(x, M, d_out, compression, tables))
+    elif compression in _CHUNK_OPERATORS:  # in x's dtype cast to out's: autocast computes the base layer in bf16
+        cos, sin = tables if tables is not None else (None, None)
+        _AddChunkOutputs.apply(out, x.to(out.dtype), M.to(out.dtype), cos, sin, compression)
     elif compression in _SHARING_GROUPS and _SHARING_GROUPS[compression][1] == "cyclic":
         _add_tiled_(out, _compress_sharing(x, size, _SHARING_GROUPS[compression][0]) @ M.T)
     elif compression == "truncation":
@@ -359,6 +263,29 @@ def add_delta_(
     else:
         out.add_(delta(x, M, d_out, compression, tables))
     return out
+
+
+class _AddChunkOutputs(torch.autograd.Function):
+    """out += the chunk outputs of x (decouple / rope) in place, under autograd: forward `_add_chunk_outputs_`,
+    backward `delta_vjp_`. Saves x as given (no copy, no rotated copy) and M, not the rotated blocks."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, x: Tensor, M: Tensor, cos: Tensor | None, sin: Tensor | None, compression: str):
+        tables = None if cos is None else (cos, sin)
+        _add_chunk_outputs_(out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), M, compression, tables)
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(x, M, cos, sin)
+        ctx.compression = compression
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, M, cos, sin = ctx.saved_tensors
+        want_x, want_M = ctx.needs_input_grad[1:3]
+        tables = None if cos is None else (cos, sin)
+        grad_x = torch.zeros(x.shape, dtype=x.dtype, device=x.device) if want_x else None
+        grad_M = delta_vjp_(grad_out, x, M, ctx.compression, tables, grad_x, want_M)
+        return grad_out, grad_x, grad_M, None, None, None
 
 
 def _add_delta_no_grad_(out: Tensor, x: Tensor, M: Tensor, compression: str, tables: tuple[Tensor, Tensor] | None):

@@ -132,13 +132,30 @@ def test_unsafe_cases_take_the_unfused_path_with_the_same_numbers(change):
     assert torch.allclose(out, reference, atol=1e-12)
 
 
-def test_autocast_and_inference_take_the_unfused_path():
-    layer = _layer("rope", 32, 32, 2).float()
-    x = torch.randn(4, 32, requires_grad=True)
+@pytest.mark.parametrize("compression", ["rope", "sharing"])
+def test_fused_under_autocast_computes_as_autocast_runs_the_base_layer(compression, monkeypatch):
+    # mixed precision (accelerate's autocast): float32 weights and input, the layer computed in bfloat16; the same
+    # dtypes as the unfused layer and the same numbers within bfloat16 rounding, float32 gradients
+    layer = _layer(compression, 64, 48, 2).float()
+    x = torch.randn(8, 64, requires_grad=True)
+    grad = torch.randn(8, 48, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert type(layer(x).grad_fn).__name__ != "_FusedMoraLinearBackward"
+        out, got = _grads(layer, x, grad)
+        want_out, want = _unfused(layer, x, grad, monkeypatch)
+    assert type(out.grad_fn).__name__ == "_FusedMoraLinearBackward"
+    assert out.dtype == want_out.dtype == torch.bfloat16
+    for a, b in zip((out, *got), (want_out, *want), strict=True):
+        assert a.dtype == b.dtype
+        assert torch.allclose(a.float(), b.float(), rtol=0.02, atol=0.02 * b.abs().max().item())
+
+
+def test_inference_takes_the_no_grad_path():
+    layer = _layer("rope", 32, 32, 2)
+    x = torch.randn(4, 32, dtype=torch.float64, requires_grad=True)
     with torch.no_grad():
-        assert torch.allclose(layer(x), layer.base_layer(x) + x @ layer.get_delta_weight("default").T, atol=1e-5)
+        out = layer(x)
+    assert out.grad_fn is None
+    assert torch.allclose(out, layer.base_layer(x) + x @ layer.get_delta_weight("default").T, atol=1e-12)
 
 
 def test_fused_function_refuses_a_trainable_weight():

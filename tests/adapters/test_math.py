@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from mora.adapters import mora as mora_math
 from mora.adapters.mora import (
     COMPRESSIONS,
     OFFICIAL_TYPES,
@@ -240,7 +239,7 @@ def test_in_place_fast_path_equals_the_plain_delta(compression, d_in, d_out, siz
 
 @pytest.mark.parametrize("compression,d_in,d_out,size", CASES)
 def test_gradients_match_autograd_through_delta_weight(compression, d_in, d_out, size):
-    # rope / decouple have a hand-written backward (_ChunkProduct); delta_weight is plain autograd
+    # rope / decouple have a hand-written backward (delta_vjp_); delta_weight is plain autograd
     torch.manual_seed(9)
     M = torch.randn(size, size, dtype=torch.float64, requires_grad=True)
     x = torch.randn(3, d_in, dtype=torch.float64, requires_grad=True)
@@ -252,14 +251,13 @@ def test_gradients_match_autograd_through_delta_weight(compression, d_in, d_out,
 
 
 CHUNK_CASES = [case for case in CASES if case[0] in ("rope", "decouple")]
+WRAPS_TWICE = [(c, 5, 7, 12) for c in ("sharing", "decouple", "rope")]  # r_hat > 2 d_in: the padding wraps twice
 
 
-@pytest.mark.parametrize("path,threshold", [("einsum", 10**9), ("per-chunk GEMM", 1)])
-@pytest.mark.parametrize("compression,d_in,d_out,size", CHUNK_CASES)
-def test_both_chunk_product_paths_match_delta_weight(monkeypatch, path, threshold, compression, d_in, d_out, size):
-    # rope / decouple pick one GEMM per chunk at large r_hat and one batched einsum at small r_hat: each path must
+@pytest.mark.parametrize("compression,d_in,d_out,size", CHUNK_CASES + WRAPS_TWICE[1:])
+def test_chunk_products_under_autograd_match_delta_weight(compression, d_in, d_out, size):
+    # rope / decouple run GEMMs per chunk into the output (_AddChunkOutputs) under autograd: delta and add_delta_
     # give delta_weight's outputs and gradients, with leading batch dims, a non-contiguous x and partial grads
-    monkeypatch.setattr(mora_math, "PER_CHUNK_GEMM_SIZE", threshold)
     torch.manual_seed(10)
     M = torch.randn(size, size, dtype=torch.float64, requires_grad=True)
     x = torch.randn(4, 2, d_in, dtype=torch.float64).transpose(0, 1).requires_grad_()  # (2, 4, d_in), strided
@@ -272,7 +270,15 @@ def test_both_chunk_product_paths_match_delta_weight(monkeypatch, path, threshol
             got = torch.autograd.grad(out, wrt, grad, retain_graph=True)
             want = torch.autograd.grad(reference, wrt, grad, retain_graph=True)
             for a, b in zip(got, want, strict=True):
-                assert torch.allclose(a, b, atol=1e-10), path
+                assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_chunk_products_into_a_non_contiguous_output():
+    torch.manual_seed(14)
+    M, x = torch.randn(6, 6, dtype=torch.float64), torch.randn(3, 40, dtype=torch.float64)
+    out = torch.randn(24, 3, dtype=torch.float64).T  # (3, 24), strided
+    want = out + x @ delta_weight(M, 40, 24, "rope").T
+    assert torch.allclose(add_delta_(out, x, M, "rope"), want, atol=1e-12)
 
 
 @pytest.mark.parametrize("compression,d_in,d_out,size", CASES)
@@ -289,7 +295,6 @@ def test_in_place_merge_equals_adding_delta_weight(compression, d_in, d_out, siz
     assert torch.allclose(transposed.T, W - dW, atol=1e-12)
 
 
-WRAPS_TWICE = [(c, 5, 7, 12) for c in ("sharing", "decouple", "rope")]  # r_hat > 2 d_in: the padding wraps twice
 VJP_CASES = [case for case in CASES if case[0] in VJP_COMPRESSIONS] + WRAPS_TWICE
 
 

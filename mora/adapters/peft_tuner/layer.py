@@ -124,6 +124,12 @@ class MoraLayer(BaseTunerLayer):
         return
 
 
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    # the dtype autocast computes linear layers in on x's device, None without autocast
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 class MoraLinear(nn.Module, MoraLayer):
     """MoRA on a dense layer: base(x) + sum over active adapters of delta(dropout(x))."""
 
@@ -202,12 +208,13 @@ class MoraLinear(nn.Module, MoraLayer):
     def _fusable(self, x: Tensor, args: tuple, kwargs: dict) -> str | None:
         # The one active adapter, where base + adapter may run as one autograd node (mora.adapters.fused): training
         # (autograd recording), an operator with a hand-written backward, and a plain frozen nn.Linear/Conv1D that
-        # nothing hooks (DeepSpeed ZeRO-3 and accelerate's offload gather weights in hooks) in x's dtype, no autocast.
+        # nothing hooks (DeepSpeed ZeRO-3 and accelerate's offload gather weights in hooks), in x's dtype or under
+        # autocast (which computes the base layer in its dtype).
         names = [name for name in self.active_adapters if name in self.mora_M]
         if len(names) != 1 or args or kwargs or not torch.is_grad_enabled():
             return None
         base = self.get_base_layer()
-        weight, bias = base.weight, base.bias
+        weight = base.weight
         plain = (
             self.base_layer is base
             and type(base) in (nn.Linear, Conv1D)
@@ -215,20 +222,28 @@ class MoraLinear(nn.Module, MoraLayer):
             and not hasattr(weight, "ds_id")
             and not weight.requires_grad
         )
-        fits = (
-            self.mora_compression[names[0]] in VJP_COMPRESSIONS
-            and x.dtype == weight.dtype
-            and (bias is None or bias.dtype == x.dtype)
-            and not torch.is_autocast_enabled(x.device.type)
+        dtype = _autocast_dtype(x)
+        fits = self.mora_compression[names[0]] in VJP_COMPRESSIONS and (
+            x.dtype == weight.dtype and (base.bias is None or base.bias.dtype == x.dtype)
+            if dtype is None
+            else x.dtype in (torch.float32, dtype)
         )
         return names[0] if plain and fits else None
 
     def _fused_forward(self, x: Tensor, name: str) -> Tensor:
         base = self.get_base_layer()
-        weight = base.weight.T if self.fan_in_fan_out else base.weight  # (d_out, d_in)
-        M = self.mora_M[name].to(x.dtype)
+        weight, bias = base.weight.T if self.fan_in_fan_out else base.weight, base.bias  # weight (d_out, d_in)
         h = self.mora_dropout[name](x)  # x itself without dropout: its gradient then adds into the base layer's
-        return fused_mora_linear(x, h, weight, base.bias, M, self.mora_compression[name], self._tables(name))
+        dtype = _autocast_dtype(x)
+        if dtype is None:
+            M = self.mora_M[name].to(x.dtype)
+            return fused_mora_linear(x, h, weight, bias, M, self.mora_compression[name], self._tables(name))
+        # as autocast runs the base layer: every input cast to its dtype (autograd casts the gradients back)
+        cast = x.to(dtype)
+        h = cast if h is x else h.to(dtype)
+        weight, bias, M = weight.to(dtype), None if bias is None else bias.to(dtype), self.mora_M[name].to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return fused_mora_linear(cast, h, weight, bias, M, self.mora_compression[name], self._tables(name))
 
     def __repr__(self) -> str:
         return "mora." + super().__repr__()
