@@ -1,6 +1,6 @@
 """Merge cost per layer and operator: time of delta_weight and of the merge (`add_delta_weight_`: W += dW in place,
 what MoraLinear.merge runs), beside the time of one copy of the weight (the memory floor), and the peak extra
-memory of the merge over the weight, measured in a fresh process per case (ru_maxrss).
+memory of the merge over the weight, measured in a fresh process per case (peak RSS).
 
     python bench/merge.py [--ranks 8 256] [--repeats 3]
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import LLAMA_SHAPES, interleaved_medians, run_case, write  # noqa: E402
+from bench.common import LLAMA_SHAPES, interleaved_medians, peak_rss, reset_peak_rss, run_case, write  # noqa: E402
 from mora.adapters.mora import (  # noqa: E402
     COMPRESSIONS,
     add_delta_weight_,
@@ -30,16 +29,16 @@ from mora.adapters.mora import (  # noqa: E402
 
 
 def one_case(d_in: int, d_out: int, operator: str, r: int, repeats: int) -> dict:
-    """Runs in its own process, so that ru_maxrss measures this merge alone."""
+    """Runs in its own process, so that the peak RSS is this merge's alone."""
     torch.manual_seed(0)
     size = r_hat(d_in, d_out, r, operator)
     check_shapes(d_in, d_out, size, operator)
     W = torch.randn(d_out, d_in)
     M = torch.randn(size, size) * 0.01
     tables = rope_tables(size, surviving_chunks(d_in, d_out, size)) if operator == "rope" else None
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = reset_peak_rss()
     add_delta_weight_(W, M, operator, tables)  # what MoraLinear.merge runs
-    peak_extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    peak_extra = peak_rss() - before
     times = interleaved_medians(
         {
             "copy": lambda: W.clone(),

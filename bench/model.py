@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import interleaved_times, run_case, write  # noqa: E402
+from bench.common import interleaved_times, peak_rss, reset_peak_rss, run_case, write  # noqa: E402
 from mora.adapters.build import build_adapter  # noqa: E402
 from mora.adapters.mora import COMPRESSIONS  # noqa: E402
 
@@ -96,14 +95,14 @@ def build(model_name: str, variant: str, dropout: float) -> tuple[torch.nn.Modul
 def one_case(model_name: str, variant: str, dropout: float, repeats: int) -> dict:
     adapted, batch, step = build(model_name, variant, dropout)
     saved = saved_bytes(adapted.model, batch)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_before = reset_peak_rss()
     step()  # warm-up, allocates gradients and optimizer state
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+    peak = peak_rss() - rss_before
     return {
         "model": model_name,
         "variant": variant,
