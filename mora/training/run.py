@@ -232,6 +232,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if wandb_run is not None:
             wandb_run.finish(exit_code=0 if summary["status"] == "finished" else 1)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group: a rank exiting with gloo's threads alive can abort
     return summary
 
 
