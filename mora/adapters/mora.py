@@ -192,11 +192,14 @@ def _decompress_sharing(y: Tensor, d_out: int, grouping: str) -> Tensor:
     return y.index_select(-1, _chunk_groups(d_out, size, y.device))
 
 
-def _rotate_columns(M: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    # (size, size), (s, size) -> (s, size, size): M R_c = M * cos_c + swap(M) * sin_c, column-wise
-    half = M.shape[1] // 2
-    M_swapped = torch.cat((M[:, half:], -M[:, :half]), dim=-1)  # column b <- the column rotate_half mixes into b
-    return M * cos[:, None, :] + M_swapped * sin[:, None, :]
+def _rotate_columns(M: Tensor, cos: Tensor, sin: Tensor, out: Tensor | None = None) -> Tensor:
+    # (k, size), (..., size) -> (..., k, size): M R_c = M * cos_c + swap(M) * sin_c column-wise, where swap moves
+    # column b + half into b and -column b into b + half (rotate_half); written into `out` when given
+    half, cos, sin = M.shape[1] // 2, cos[..., None, :], sin[..., None, :]
+    out = M * cos if out is None else torch.mul(M, cos, out=out)
+    out[..., :half].addcmul_(M[:, half:], sin[..., :half])
+    out[..., half:].addcmul_(M[:, :half], sin[..., half:], value=-1)
+    return out
 
 
 def _blocks(M: Tensor, s: int, cos: Tensor | None, sin: Tensor | None) -> Tensor:
@@ -353,11 +356,7 @@ def _chunk_block(M: Tensor, c: int, cos: Tensor | None, sin: Tensor | None, buf:
     # P_c = M (decouple: buf holds M) or M R_c (rope: rotated into buf) on M's first k rows: (k, size), no allocation
     if cos is None:
         return buf[: M.shape[0]]
-    half, P = M.shape[1] // 2, buf[: M.shape[0]]
-    torch.mul(M, cos[c], out=P)
-    P[:, :half].addcmul_(M[:, half:], sin[c, :half])
-    P[:, half:].addcmul_(M[:, :half], sin[c, half:], value=-1)
-    return P
+    return _rotate_columns(M, cos[c], sin[c], out=buf[: M.shape[0]])
 
 
 def _add_unrotated_(grad_M: Tensor, grad_P: Tensor, cos: Tensor, sin: Tensor) -> None:
