@@ -192,19 +192,31 @@ def _decompress_sharing(y: Tensor, d_out: int, grouping: str) -> Tensor:
     return y.index_select(-1, _chunk_groups(d_out, size, y.device))
 
 
-def _rotate_columns(M: Tensor, cos: Tensor, sin: Tensor, out: Tensor | None = None) -> Tensor:
-    # (k, size), (..., size) -> (..., k, size): M R_c = M * cos_c + swap(M) * sin_c column-wise, where swap moves
-    # column b + half into b and -column b into b + half (rotate_half); written into `out` when given
-    half, cos, sin = M.shape[1] // 2, cos[..., None, :], sin[..., None, :]
-    out = M * cos if out is None else torch.mul(M, cos, out=out)
-    out[..., :half].addcmul_(M[:, half:], sin[..., :half])
-    out[..., half:].addcmul_(M[:, :half], sin[..., half:], value=-1)
+def _rotate_last(
+    A: Tensor, cos: Tensor, sin: Tensor, out: Tensor | None = None, *, transpose: bool = False, accumulate: bool = False
+) -> Tensor:
+    # A R_c (transpose: A R_c^T) along the last axis, cos and sin broadcast against A: R_c is the rotation that rope
+    # applies to M's columns, M R_c = M * cos + rotate_half(M) * sin, pairing column b with b + half. Written into
+    # `out`, or added to it (accumulate); a new tensor when out is None.
+    half = A.shape[-1] // 2
+    if out is None:
+        out = A * cos
+    elif accumulate:
+        out.addcmul_(A, cos)
+    else:
+        torch.mul(A, cos, out=out)
+    if transpose:  # (A R^T)[:half] = A[:half] cos - A[half:] sin[half:], (A R^T)[half:] = A[half:] cos + A[:half] sin
+        out[..., :half].addcmul_(A[..., half:], sin[..., half:], value=-1)
+        out[..., half:].addcmul_(A[..., :half], sin[..., :half])
+    else:  # (A R)[:half] = A[:half] cos + A[half:] sin[:half], (A R)[half:] = A[half:] cos - A[:half] sin[half:]
+        out[..., :half].addcmul_(A[..., half:], sin[..., :half])
+        out[..., half:].addcmul_(A[..., :half], sin[..., half:], value=-1)
     return out
 
 
 def _blocks(M: Tensor, s: int, cos: Tensor | None, sin: Tensor | None) -> Tensor:
     # (size, size) -> (s, size, size): P_c = M (decouple, a broadcast view) or M R_c (rope)
-    return M.expand(s, *M.shape) if cos is None else _rotate_columns(M, cos, sin)
+    return M.expand(s, *M.shape) if cos is None else _rotate_last(M, cos[:, None], sin[:, None])
 
 
 def _tables(size: int, s: int, tables: tuple[Tensor, Tensor] | None, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -323,22 +335,50 @@ def _ld_aligned(t: Tensor) -> Tensor:
 
 
 def _add_chunk_outputs_(out: Tensor, x: Tensor, M: Tensor, compression: str, tables: tuple[Tensor, Tensor] | None):
-    # out (N, d_out) += chunk outputs of x (N, d_in), no autograd: GEMMs per surviving chunk on column slices of x,
-    # accumulated straight into out's columns, with only the rows of P_c whose outputs survive truncation; a tiled
-    # output (s * size < d_out) goes through one (N, s * size) buffer. No copy of x, not even of a wrapping chunk.
+    # out (N, d_out) += chunk outputs of x (N, d_in), no autograd: GEMMs per surviving chunk accumulated straight
+    # into out's columns, with only the rows of P_c whose outputs survive truncation; a tiled output (s * size <
+    # d_out) goes through one (N, s * size) buffer. Blocks P_c = M R_c on column slices of x (no copy of x, not even
+    # of a wrapping chunk), or, where fewer tokens than r_hat make rotating x cheaper, M on the rotated chunks of x.
     d_in, d_out, size = x.shape[1], out.shape[1], M.shape[0]
     s = surviving_chunks(d_in, d_out, size)
     cos, sin = _tables(size, s, tables, x) if compression == "rope" else (None, None)
     tiled = s * size < d_out
     target = _aligned_empty(out.shape[0], s * size, out) if tiled else out
-    buf = _aligned_empty(size, size, M) if cos is not None else _ld_aligned(M)  # P_c, reused by every chunk
+    rotated = _rotated_chunks(x, s, cos, sin) if _rotates_input(x.shape[0], cos) else None  # (N, s, size)
+    block_cos, block_sin = (cos, sin) if rotated is None else (None, None)  # the tables, where M is rotated
+    buf = _aligned_empty(size, size, M) if block_cos is not None else _ld_aligned(M)  # P_c, reused by every chunk
     for c in range(s):
         lo, hi = c * size, min((c + 1) * size, d_out)
-        block = _chunk_block(M[: hi - lo], c, cos, sin, buf)  # (k, size): the surviving rows of P_c
-        for i, (j, f, length) in enumerate(_runs(c, size, d_in)):
-            target[:, lo:hi].addmm_(x[:, f : f + length], block[:, j : j + length].T, beta=0 if tiled and not i else 1)
+        block = _chunk_block(M[: hi - lo], c, block_cos, block_sin, buf)  # (k, size): the surviving rows of P_c
+        for i, (a, j, length) in enumerate(_chunk_runs(x, c, size, rotated)):
+            target[:, lo:hi].addmm_(a, block[:, j : j + length].T, beta=0 if tiled and not i else 1)
     if tiled:
         _add_tiled_(out, target)
+
+
+def _rotates_input(n_tokens: int, cos: Tensor | None) -> bool:
+    # rope: X_c (M R_c)^T = (X_c R_c^T) M^T, so a chunk's rotation can act on its N x size inputs instead of the
+    # size x size block; cheaper when N < size (2x256 tokens at r=256: 512 x 1448 values per chunk, not 1448^2)
+    return cos is not None and n_tokens < cos.shape[1]
+
+
+def _transposed_operand_is_slow(t: Tensor) -> bool:
+    # grad_M sums g_c^T X_c over N tokens, a GEMM whose first operand is transposed. With fewer tokens than r_hat,
+    # this CPU's bf16 GEMM ran it at ~220 GFLOP/s; copying g_c^T row-major first (a (k, N) copy) got ~320 (LOG.md).
+    # float32 showed no gain, and GPU GEMMs take transposed operands natively.
+    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
+
+
+def _rotated_chunks(x: Tensor, s: int, cos: Tensor, sin: Tensor) -> Tensor:
+    # (N, d_in) -> (N, s, size): X_c R_c^T for the first s chunks of the wrap-padded input, row-aligned
+    size = cos.shape[1]
+    chunks = _wrap(x, s * size).unflatten(1, (s, size))  # a view unless the chunks wrap around
+    return _rotate_last(chunks, cos, sin, out=_aligned_chunks(x.shape[0], s, size, x), transpose=True)
+
+
+def _aligned_chunks(n: int, s: int, size: int, like: Tensor) -> Tensor:
+    # (n, s, size) uninitialised, each (n, size) chunk a row-aligned GEMM operand
+    return _aligned_empty(n * s, size, like).unflatten(0, (n, s))
 
 
 def _runs(c: int, size: int, d_in: int) -> list[tuple[int, int, int]]:
@@ -352,18 +392,20 @@ def _runs(c: int, size: int, d_in: int) -> list[tuple[int, int, int]]:
     return runs
 
 
+def _chunk_runs(x: Tensor, c: int, size: int, rotated: Tensor | None) -> list[tuple[Tensor, int, int]]:
+    # chunk c's input as (N, length) column runs with their first column in the chunk: the rotated chunk whole, or
+    # x's column slices (two where the chunk wraps around)
+    if rotated is not None:
+        return [(rotated[:, c], 0, size)]
+    return [(x[:, f : f + length], j, length) for j, f, length in _runs(c, size, x.shape[1])]
+
+
 def _chunk_block(M: Tensor, c: int, cos: Tensor | None, sin: Tensor | None, buf: Tensor) -> Tensor:
-    # P_c = M (decouple: buf holds M) or M R_c (rope: rotated into buf) on M's first k rows: (k, size), no allocation
+    # the block that multiplies chunk c's input, on M's first k rows: (k, size), no allocation. M itself (no tables:
+    # decouple, or rope on rotated inputs; buf holds M), else P_c = M R_c rotated into buf
     if cos is None:
         return buf[: M.shape[0]]
-    return _rotate_columns(M, cos[c], sin[c], out=buf[: M.shape[0]])
-
-
-def _add_unrotated_(grad_M: Tensor, grad_P: Tensor, cos: Tensor, sin: Tensor) -> None:
-    # grad_M (k, size) += the adjoint of _chunk_block's rotation applied to grad_P (k, size); cos, sin (size,)
-    half = grad_M.shape[1] // 2
-    grad_M[:, :half].addcmul_(grad_P[:, :half], cos[:half]).addcmul_(grad_P[:, half:], sin[half:], value=-1)
-    grad_M[:, half:].addcmul_(grad_P[:, half:], cos[half:]).addcmul_(grad_P[:, :half], sin[:half])
+    return _rotate_last(M, cos[c], sin[c], out=buf[: M.shape[0]])
 
 
 VJP_COMPRESSIONS: tuple[str, ...] = ("truncation", "sharing", "decouple", "rope")
@@ -382,7 +424,8 @@ def delta_vjp_(
 
     grad_out (..., d_out), x and grad_x (..., d_in), grad_x contiguous. For the fused layer, whose backward adds the
     adapter's input gradient into the base layer's (no second (..., d_in) buffer, no sum); chunk operators run one
-    GEMM per surviving chunk on strided column slices. Operators: VJP_COMPRESSIONS."""
+    GEMM per surviving chunk on strided column slices of x, or, for rope with fewer tokens than r_hat, on x's rotated
+    chunks (recomputed here, never saved). Operators: VJP_COMPRESSIONS."""
     d_in, d_out, size = x.shape[-1], grad_out.shape[-1], M.shape[0]
     check_shapes(d_in, d_out, size, compression)
     if compression not in VJP_COMPRESSIONS:
@@ -405,22 +448,44 @@ def delta_vjp_(
     s = surviving_chunks(d_in, d_out, size)
     cos, sin = _tables(size, s, tables, x) if compression == "rope" else (None, None)
     g = _ld_aligned(_fold_tiles(g, s * size)) if s * size < d_out else g  # (N, min(s * size, d_out))
+    rotated = _rotates_input(x.shape[0], cos)
+    block_cos, block_sin = (None, None) if rotated else (cos, sin)  # the tables, where M is rotated
+    xr = _rotated_chunks(x, s, cos, sin) if rotated and want_M else None  # (N, s, size): X_c R_c^T
+    grad_in = _aligned_chunks(x.shape[0], s, size, x) if rotated and gx is not None else None  # grad of xr
     grad_M = _aligned_empty(size, size, M).zero_() if want_M else None
-    buf = _aligned_empty(size, size, M) if cos is not None else _ld_aligned(M)  # P_c, reused by every chunk
-    grad_P = _aligned_empty(size, size, M) if cos is not None and want_M else None  # a chunk's, before unrotating
+    g_T = _aligned_empty(size, x.shape[0], g) if xr is not None and _transposed_operand_is_slow(g) else None
+    buf = _aligned_empty(size, size, M) if block_cos is not None else _ld_aligned(M)  # P_c, reused by every chunk
+    grad_P = _aligned_empty(size, size, M) if block_cos is not None and want_M else None  # a chunk's, before unrotating
     for c in range(s):
         lo, hi = c * size, min((c + 1) * size, g.shape[1])
         g_c = g[:, lo:hi]  # (N, k)
-        block = _chunk_block(M[: hi - lo], c, cos, sin, buf) if gx is not None else None  # (k, size)
-        for j, f, length in _runs(c, size, d_in):
-            if gx is not None:
+        block = _chunk_block(M[: hi - lo], c, block_cos, block_sin, buf) if gx is not None else None  # (k, size)
+        if grad_in is not None:
+            grad_in[:, c].addmm_(g_c, block, beta=0)
+        elif gx is not None:
+            for j, f, length in _runs(c, size, d_in):
                 gx[:, f : f + length].addmm_(g_c, block[:, j : j + length])
-            if grad_M is not None:
-                into = grad_M if grad_P is None else grad_P
-                into[: hi - lo, j : j + length].addmm_(g_c.T, x[:, f : f + length], beta=1 if grad_P is None else 0)
+        if grad_M is None:
+            continue
+        into = grad_M if grad_P is None else grad_P
+        g_cT = g_c.T if g_T is None else g_T[: hi - lo].copy_(g_c.T)  # (k, N)
+        for a, j, length in _chunk_runs(x, c, size, xr):  # the runs fill disjoint columns of grad_P
+            into[: hi - lo, j : j + length].addmm_(g_cT, a, beta=1 if grad_P is None else 0)
         if grad_P is not None:
-            _add_unrotated_(grad_M[: hi - lo], grad_P[: hi - lo], cos[c], sin[c])
+            _rotate_last(grad_P[: hi - lo], cos[c], sin[c], out=grad_M[: hi - lo], transpose=True, accumulate=True)
+    if grad_in is not None and s * size <= d_in:  # the chunks' inputs are X_c R_c^T: their gradient is (g_c M) R_c
+        _rotate_last(grad_in, cos, sin, out=gx[:, : s * size].unflatten(1, (s, size)), accumulate=True)
+    elif grad_in is not None:  # the chunks wrap around: fold their gradient onto x's features
+        _add_wrapped_(gx, _rotate_last(grad_in, cos, sin).flatten(1))
     return None if grad_M is None else grad_M.contiguous()
+
+
+def _add_wrapped_(gx: Tensor, g: Tensor) -> None:
+    # adjoint of _wrap, added in place: gx (N, d_in) += g (N, length) with position k going to feature k mod d_in
+    d_in = gx.shape[1]
+    for lo in range(0, g.shape[1], d_in):
+        width = min(d_in, g.shape[1] - lo)
+        gx[:, :width].add_(g[:, lo : lo + width])
 
 
 def _fold_tiles(g: Tensor, width: int) -> Tensor:

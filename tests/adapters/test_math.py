@@ -7,6 +7,8 @@ from mora.adapters.mora import (
     COMPRESSIONS,
     OFFICIAL_TYPES,
     VJP_COMPRESSIONS,
+    _rotates_input,
+    _transposed_operand_is_slow,
     add_delta_,
     add_delta_weight_,
     check_shapes,
@@ -328,6 +330,47 @@ def test_no_grad_path_equals_the_plain_delta(compression, d_in, d_out, size):
     with torch.no_grad():
         fast = add_delta_(base.clone(), x, M, compression)
     assert torch.allclose(fast, base + x @ delta_weight(M, d_in, d_out, compression).T, atol=1e-12)
+
+
+ROPE_CASES = [case for case in CASES if case[0] == "rope"] + WRAPS_TWICE[2:]
+
+
+@pytest.mark.parametrize("rotates_input", [True, False], ids=["rotated-x", "rotated-M"])
+@pytest.mark.parametrize("compression,d_in,d_out,size", ROPE_CASES)
+def test_rope_rotating_the_input_or_the_blocks_gives_the_same_numbers(rotates_input, compression, d_in, d_out, size):
+    # X_c (M R_c)^T = (X_c R_c^T) M^T: with fewer tokens than r_hat the chunks of x are rotated, else the blocks of
+    # M. Both sides of that threshold: the no-grad forward, autograd through add_delta_, and delta_vjp_
+    n = size - 1 if rotates_input else size
+    assert _rotates_input(n, rope_tables(size, 1)[0]) is rotates_input
+    torch.manual_seed(15)
+    M = torch.randn(size, size, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(n, d_in, dtype=torch.float64, requires_grad=True)
+    g, base = torch.randn(n, d_out, dtype=torch.float64), torch.randn(n, d_out, dtype=torch.float64)
+    reference = x @ delta_weight(M, d_in, d_out, compression).T
+    want_x, want_M = torch.autograd.grad(reference, (x, M), g)
+    with torch.no_grad():
+        assert torch.allclose(add_delta_(base.clone(), x, M, compression), base + reference, atol=1e-12)
+    got_x, got_M = torch.autograd.grad(add_delta_(base.clone(), x, M, compression), (x, M), g)
+    assert torch.allclose(got_x, want_x, atol=1e-10) and torch.allclose(got_M, want_M, atol=1e-10)
+    grad_x = torch.ones(n, d_in, dtype=torch.float64)
+    grad_M = delta_vjp_(g, x.detach(), M.detach(), compression, grad_x=grad_x)
+    assert torch.allclose(grad_x, 1 + want_x, atol=1e-12) and torch.allclose(grad_M, want_M, atol=1e-12)
+
+
+def test_rope_vjp_in_bfloat16_with_fewer_tokens_than_r_hat_stays_within_rounding():
+    # the bf16 CPU path copies g_c^T row-major before grad_M's GEMM and rotates x in bf16: compared with float64 on
+    # the same bf16 inputs, errors stay at bf16 rounding (relative 2^-7 of each gradient's norm)
+    torch.manual_seed(16)
+    d_in, d_out, size, n = 40, 70, 24, 9  # 2 chunks, the second wraps; a tiled output
+    M, x, g = (torch.randn(*shape).bfloat16() for shape in ((size, size), (n, d_in), (n, d_out)))
+    assert _rotates_input(n, rope_tables(size, 1)[0]) and _transposed_operand_is_slow(g)
+    M64, x64 = M.double().requires_grad_(), x.double().requires_grad_()
+    want_x, want_M = torch.autograd.grad(x64 @ delta_weight(M64, d_in, d_out, "rope").T, (x64, M64), g.double())
+    grad_x = torch.zeros(n, d_in, dtype=torch.bfloat16)
+    grad_M = delta_vjp_(g, x, M, "rope", grad_x=grad_x)
+    for got, want in ((grad_x, want_x), (grad_M, want_M)):
+        assert got.dtype == torch.bfloat16
+        assert (got.double() - want).norm() <= 2**-7 * want.norm()
 
 
 def test_vjp_refuses_operators_without_one():
