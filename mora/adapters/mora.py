@@ -145,15 +145,25 @@ def surviving_chunks(d_in: int, d_out: int, size: int) -> int:
     return min(n, -(-d_out // size)) if n * size >= d_out else n
 
 
-def _wrap(x: Tensor, length: int) -> Tensor:
-    # (..., d_in) -> (..., length): position k reads feature k mod d_in
-    d_in = x.shape[-1]
-    if length == d_in:
-        return x
-    if length < d_in:
-        return x[..., :length]
-    index = torch.arange(d_in, length, device=x.device) % d_in
-    return torch.cat([x, x.index_select(-1, index)], dim=-1)
+def _wrap(x: Tensor, length: int, start: int = 0) -> Tensor:
+    # (..., d_in) -> (..., length - start): position k in [start, length) reads feature k mod d_in; a view of x
+    # when no position wraps around, else a copy of its runs
+    pieces = [x[..., f : f + n] for _, f, n in _runs(start, length, x.shape[-1])]
+    if len(pieces) == 1:
+        return pieces[0]
+    return torch.cat(pieces, dim=-1) if pieces else x[..., :0]
+
+
+def _runs(start: int, stop: int, d_in: int) -> list[tuple[int, int, int]]:
+    # positions [start, stop) of the wrap-padded input as runs of contiguous features: (offset from start, first
+    # feature, length)
+    runs, p = [], start
+    while p < stop:
+        f = p % d_in
+        length = min(stop - p, d_in - f)
+        runs.append((p - start, f, length))
+        p += length
+    return runs
 
 
 def _chunk_groups(dim: int, size: int, device: torch.device) -> Tensor:
@@ -364,16 +374,25 @@ def _rotates_input(n_tokens: int, cos: Tensor | None) -> bool:
 
 def _transposed_operand_is_slow(t: Tensor) -> bool:
     # grad_M sums g_c^T X_c over N tokens, a GEMM whose first operand is transposed. With fewer tokens than r_hat,
-    # this CPU's bf16 GEMM ran it at ~220 GFLOP/s; copying g_c^T row-major first (a (k, N) copy) got ~320 (LOG.md).
-    # float32 showed no gain, and GPU GEMMs take transposed operands natively.
+    # this CPU's bf16 GEMM ran it at ~220 GFLOP/s, and at ~320 on a row-major copy of g^T (LOG.md). float32 showed
+    # no gain, and GPU GEMMs take transposed operands natively.
     return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
 
 
 def _rotated_chunks(x: Tensor, s: int, cos: Tensor, sin: Tensor) -> Tensor:
     # (N, d_in) -> (N, s, size): X_c R_c^T for the first s chunks of the wrap-padded input, row-aligned
     size = cos.shape[1]
-    chunks = _wrap(x, s * size).unflatten(1, (s, size))  # a view unless the chunks wrap around
-    return _rotate_last(chunks, cos, sin, out=_aligned_chunks(x.shape[0], s, size, x), transpose=True)
+    out = _aligned_chunks(x.shape[0], s, size, x)
+    inside = _inside_chunks(x.shape[1], s, size)
+    for lo, hi in ((0, inside), (inside, s)):  # chunks inside x, from a view of it; those that wrap, from a copy
+        chunks = _wrap(x, hi * size, lo * size).unflatten(1, (hi - lo, size))
+        _rotate_last(chunks, cos[lo:hi], sin[lo:hi], out=out[:, lo:hi], transpose=True)
+    return out
+
+
+def _inside_chunks(d_in: int, s: int, size: int) -> int:
+    # how many of the first s chunks of the wrap-padded input lie inside x (the rest wrap around)
+    return min(s, d_in // size)
 
 
 def _aligned_chunks(n: int, s: int, size: int, like: Tensor) -> Tensor:
@@ -381,23 +400,12 @@ def _aligned_chunks(n: int, s: int, size: int, like: Tensor) -> Tensor:
     return _aligned_empty(n * s, size, like).unflatten(0, (n, s))
 
 
-def _runs(c: int, size: int, d_in: int) -> list[tuple[int, int, int]]:
-    # chunk c of the wrap-padded input as runs of contiguous features: (column in the chunk, first feature, length)
-    runs, j = [], 0
-    while j < size:
-        f = (c * size + j) % d_in
-        length = min(size - j, d_in - f)
-        runs.append((j, f, length))
-        j += length
-    return runs
-
-
 def _chunk_runs(x: Tensor, c: int, size: int, rotated: Tensor | None) -> list[tuple[Tensor, int, int]]:
     # chunk c's input as (N, length) column runs with their first column in the chunk: the rotated chunk whole, or
     # x's column slices (two where the chunk wraps around)
     if rotated is not None:
         return [(rotated[:, c], 0, size)]
-    return [(x[:, f : f + length], j, length) for j, f, length in _runs(c, size, x.shape[1])]
+    return [(x[:, f : f + length], j, length) for j, f, length in _runs(c * size, (c + 1) * size, x.shape[1])]
 
 
 def _chunk_block(M: Tensor, c: int, cos: Tensor | None, sin: Tensor | None, buf: Tensor) -> Tensor:
@@ -447,13 +455,15 @@ def delta_vjp_(
         return torch.mm(g.T, compressed, out=_aligned_empty(size, size, M)).contiguous()
     s = surviving_chunks(d_in, d_out, size)
     cos, sin = _tables(size, s, tables, x) if compression == "rope" else (None, None)
-    g = _ld_aligned(_fold_tiles(g, s * size)) if s * size < d_out else g  # (N, min(s * size, d_out))
+    folded = _fold_tiles(g, s * size) if s * size < d_out else g  # (N, min(s * size, d_out))
     rotated = _rotates_input(x.shape[0], cos)
+    # g^T whole (one blocked transpose: a third of the time of one copy per chunk), where that pays
+    g_T = folded.T.contiguous() if rotated and want_M and _transposed_operand_is_slow(g) else None
+    g = _ld_aligned(folded) if folded is not g else g
     block_cos, block_sin = (None, None) if rotated else (cos, sin)  # the tables, where M is rotated
     xr = _rotated_chunks(x, s, cos, sin) if rotated and want_M else None  # (N, s, size): X_c R_c^T
     grad_in = _aligned_chunks(x.shape[0], s, size, x) if rotated and gx is not None else None  # grad of xr
     grad_M = _aligned_empty(size, size, M).zero_() if want_M else None
-    g_T = _aligned_empty(size, x.shape[0], g) if xr is not None and _transposed_operand_is_slow(g) else None
     buf = _aligned_empty(size, size, M) if block_cos is not None else _ld_aligned(M)  # P_c, reused by every chunk
     grad_P = _aligned_empty(size, size, M) if block_cos is not None and want_M else None  # a chunk's, before unrotating
     for c in range(s):
@@ -463,29 +473,31 @@ def delta_vjp_(
         if grad_in is not None:
             grad_in[:, c].addmm_(g_c, block, beta=0)
         elif gx is not None:
-            for j, f, length in _runs(c, size, d_in):
+            for j, f, length in _runs(c * size, (c + 1) * size, d_in):
                 gx[:, f : f + length].addmm_(g_c, block[:, j : j + length])
         if grad_M is None:
             continue
         into = grad_M if grad_P is None else grad_P
-        g_cT = g_c.T if g_T is None else g_T[: hi - lo].copy_(g_c.T)  # (k, N)
+        g_cT = g_c.T if g_T is None else g_T[lo:hi]  # (k, N)
         for a, j, length in _chunk_runs(x, c, size, xr):  # the runs fill disjoint columns of grad_P
             into[: hi - lo, j : j + length].addmm_(g_cT, a, beta=1 if grad_P is None else 0)
         if grad_P is not None:
             _rotate_last(grad_P[: hi - lo], cos[c], sin[c], out=grad_M[: hi - lo], transpose=True, accumulate=True)
-    if grad_in is not None and s * size <= d_in:  # the chunks' inputs are X_c R_c^T: their gradient is (g_c M) R_c
-        _rotate_last(grad_in, cos, sin, out=gx[:, : s * size].unflatten(1, (s, size)), accumulate=True)
-    elif grad_in is not None:  # the chunks wrap around: fold their gradient onto x's features
-        _add_wrapped_(gx, _rotate_last(grad_in, cos, sin).flatten(1))
+    if grad_in is not None:  # the chunks' inputs are X_c R_c^T: their gradient is (g_c M) R_c
+        inside = _inside_chunks(d_in, s, size)
+        into = gx[:, : inside * size].unflatten(1, (inside, size))
+        _rotate_last(grad_in[:, :inside], cos[:inside], sin[:inside], out=into, accumulate=True)
+        if inside < s:  # the chunks that wrap around: their gradient folded onto x's features
+            wrapped = _rotate_last(grad_in[:, inside:], cos[inside:], sin[inside:]).flatten(1)
+            _add_wrapped_(gx, wrapped, inside * size)
     return None if grad_M is None else grad_M.contiguous()
 
 
-def _add_wrapped_(gx: Tensor, g: Tensor) -> None:
-    # adjoint of _wrap, added in place: gx (N, d_in) += g (N, length) with position k going to feature k mod d_in
-    d_in = gx.shape[1]
-    for lo in range(0, g.shape[1], d_in):
-        width = min(d_in, g.shape[1] - lo)
-        gx[:, :width].add_(g[:, lo : lo + width])
+def _add_wrapped_(gx: Tensor, g: Tensor, start: int) -> None:
+    # adjoint of _wrap, added in place: gx (N, d_in) += g (N, w), g's column i being position start + i, which
+    # reads feature (start + i) mod d_in
+    for i, f, length in _runs(start, start + g.shape[1], gx.shape[1]):
+        gx[:, f : f + length].add_(g[:, i : i + length])
 
 
 def _fold_tiles(g: Tensor, width: int) -> Tensor:
