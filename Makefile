@@ -46,9 +46,9 @@ smoke: $(STAMP) ## every adapter on every task for a few steps (tiny profile); c
 prefetch: $(STAMP) ## on a networked machine: download the model/tokenizer a profile needs (PROFILE=paper)
 	HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0 $(PY) scripts/prefetch.py --profile $(if $(filter tiny,$(PROFILE)),paper,$(PROFILE))
 
-bench: $(STAMP) ## speed and memory benchmarks -> results/bench/ (about 55 min on 2 CPU cores)
+bench: $(STAMP) ## speed and memory benchmarks -> results/bench/ (about 65 min on 2 CPU cores)
 	$(PY) bench/layer.py --repeats 5
-	$(PY) bench/layer.py --tokens 2x256 --dtype bfloat16 --repeats 5
+	$(PY) bench/layer.py --tokens 2x256 1x2048 --dtype bfloat16 --repeats 5
 	$(PY) bench/merge.py
 	$(PY) bench/model.py
 	$(PY) bench/table2_time.py

@@ -4,7 +4,7 @@ each timed against the base in the same round (rounds interleaved in one process
 beside each variant's FLOP floor.
 
     python bench/layer.py                       # LLaMA-7B shapes, 2x256 and 1x2048 tokens, float32
-    python bench/layer.py --tokens 2x256 --dtype bfloat16 --repeats 5
+    python bench/layer.py --tokens 2x256 1x2048 --dtype bfloat16 --repeats 5
 """
 
 from __future__ import annotations
