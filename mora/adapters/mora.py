@@ -372,11 +372,12 @@ def _rotates_input(n_tokens: int, cos: Tensor | None) -> bool:
     return cos is not None and n_tokens < cos.shape[1]
 
 
-def _transposed_operand_is_slow(t: Tensor) -> bool:
-    # grad_M sums g_c^T X_c over N tokens, a GEMM whose first operand is transposed. With fewer tokens than r_hat,
-    # this CPU's bf16 GEMM ran it at ~220 GFLOP/s, and at ~320 on a row-major copy of g^T (LOG.md). float32 showed
-    # no gain, and GPU GEMMs take transposed operands natively.
-    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
+def _transposed_operand_is_slow(t: Tensor, size: int) -> bool:
+    # grad_M sums g_c^T X_c over N tokens, a GEMM whose first operand is transposed. For r_hat > 1024 this CPU's
+    # bf16 GEMM ran it 20-45% slower than on a row-major copy of g^T, copy included (r_hat = 1448 at 2048 tokens:
+    # 84 ms against 59 + 8); at r_hat <= 1024 the copy did not pay, in float32 never (LOG.md). GPU GEMMs take
+    # transposed operands natively.
+    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16) and size > 1024
 
 
 def _rotated_chunks(x: Tensor, s: int, cos: Tensor, sin: Tensor) -> Tensor:
@@ -458,7 +459,7 @@ def delta_vjp_(
     folded = _fold_tiles(g, s * size) if s * size < d_out else g  # (N, min(s * size, d_out))
     rotated = _rotates_input(x.shape[0], cos)
     # g^T whole (one blocked transpose: a third of the time of one copy per chunk), where that pays
-    g_T = folded.T.contiguous() if rotated and want_M and _transposed_operand_is_slow(g) else None
+    g_T = folded.T.contiguous() if want_M and _transposed_operand_is_slow(g, size) else None
     g = _ld_aligned(folded) if folded is not g else g
     block_cos, block_sin = (None, None) if rotated else (cos, sin)  # the tables, where M is rotated
     xr = _rotated_chunks(x, s, cos, sin) if rotated and want_M else None  # (N, s, size): X_c R_c^T
