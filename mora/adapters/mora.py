@@ -460,7 +460,7 @@ def delta_vjp_(
     rotated = _rotates_input(x.shape[0], cos)
     # g^T whole (one blocked transpose: a third of the time of one copy per chunk), where that pays
     g_T = folded.T.contiguous() if want_M and _transposed_operand_is_slow(g, size) else None
-    g = _ld_aligned(folded) if folded is not g else g
+    g = _ld_aligned(folded) if s * size < d_out else g
     block_cos, block_sin = (None, None) if rotated else (cos, sin)  # the tables, where M is rotated
     xr = _rotated_chunks(x, s, cos, sin) if rotated and want_M else None  # (N, s, size): X_c R_c^T
     grad_in = _aligned_chunks(x.shape[0], s, size, x) if rotated and gx is not None else None  # grad of xr
