@@ -6,6 +6,15 @@ STAMP := $(VENV)/.installed
 PROFILE ?= tiny
 SEED ?=
 SEEDS ?=
+TASKS ?=
+CELLS ?=
+LAUNCHER ?=
+NPROC ?= 8
+NNODES ?= 1
+DRY_RUN ?=
+# the one table runner (experiments/reproduce.py); SEED/SEEDS, TASKS, CELLS, LAUNCHER, NPROC, NNODES, DRY_RUN=1 reach it
+REPRODUCE_ARGS = --profile $(PROFILE) --nproc $(NPROC) --nnodes $(NNODES) \
+	$(if $(TASKS),--tasks $(TASKS)) $(if $(CELLS),--cells $(CELLS)) $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(DRY_RUN),--dry-run)
 
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
@@ -13,7 +22,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-fast lint reproduce-table2 smoke prefetch bench inspect clean
+.PHONY: help install test test-fast lint reproduce-table1 reproduce-table2 smoke prefetch bench inspect clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-20s %s\n", $$1, $$2}'
@@ -37,14 +46,17 @@ lint: $(STAMP) ## ruff check + format check
 	$(VENV)/bin/ruff check mora tests experiments scripts bench
 	$(VENV)/bin/ruff format --check mora tests experiments scripts bench
 
+reproduce-table1: $(STAMP) ## Tables 1, 6, 7: PROFILE=tiny|paper, SEEDS, TASKS="metamath ...", LAUNCHER, NPROC, DRY_RUN=1 -> results/table1/
+	$(PY) experiments/reproduce.py table1 $(REPRODUCE_ARGS) --seeds $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),0))
+
 reproduce-table2: $(STAMP) ## Table 2 (UUID memorization): PROFILE=tiny|paper, SEEDS="0 1 2" or SEED=0 -> results/table2/
-	$(PY) experiments/table2.py --profile $(PROFILE) --seeds $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),0 1 2))
+	$(PY) experiments/reproduce.py table2 $(REPRODUCE_ARGS) --seeds $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),0 1 2))
 
 smoke: $(STAMP) ## every adapter on every task for a few steps (tiny profile); checks each run folder
 	$(PY) scripts/smoke.py
 
-prefetch: $(STAMP) ## on a networked machine: download the model/tokenizer a profile needs (PROFILE=paper)
-	HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0 $(PY) scripts/prefetch.py --profile $(if $(filter tiny,$(PROFILE)),paper,$(PROFILE))
+prefetch: $(STAMP) ## on a networked machine: the models, training data and evaluation sets of PROFILE=paper
+	HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 TRANSFORMERS_OFFLINE=0 $(PY) scripts/prefetch.py --profile $(if $(filter tiny,$(PROFILE)),paper,$(PROFILE))
 
 bench: $(STAMP) ## speed and memory benchmarks -> results/bench/ (about 65 min on 2 CPU cores)
 	$(PY) bench/layer.py --repeats 5

@@ -26,7 +26,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
             sys.executable,
-            str(REPO_ROOT / "experiments" / "table2.py"),
+            str(REPO_ROOT / "experiments" / "reproduce.py"),
+            "table2",
             "--profile",
             "tiny",
             "--seeds",
@@ -41,7 +42,7 @@ def main() -> None:
         wall = time.perf_counter() - start
     table = (
         "# Wall time of the Table 2 reproduction (tiny profile)\n\n"
-        f"`experiments/table2.py --profile tiny --seeds {' '.join(map(str, args.seeds))}` (what `make "
+        f"`experiments/reproduce.py table2 --profile tiny --seeds {' '.join(map(str, args.seeds))}` (what `make "
         f"reproduce-table2` runs after install): **{wall / 60:.1f} min** ({wall:.0f} s).\n"
     )
     write("table2_time", {"seeds": args.seeds, "wall_s": wall}, table)

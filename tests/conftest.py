@@ -1,10 +1,12 @@
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("MORA_DATA_CACHE", tempfile.mkdtemp(prefix="mora-data-"))  # tokenised-data cache
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -13,6 +13,7 @@ from mora.training.run import validate
 EXPERIMENTS = [None] + sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 PROFILES = sorted(p.stem for p in (CONFIG_DIR / "profile").glob("*.yaml"))
 ADAPTERS = sorted(p.stem for p in (CONFIG_DIR / "adapter").glob("*.yaml"))
+TASKS = sorted(p.stem for p in (CONFIG_DIR / "task").glob("*.yaml"))
 
 
 def _compose(*overrides):
@@ -31,6 +32,17 @@ def test_every_composition_validates(experiment, profile, adapter):
     if experiment == "table2":
         names = {"fft", "lora-r8", "mora-r8", "lora-r256", "mora-r256", "mora-r256-rope"}
         assert {c["name"] for c in cfg.grid[profile]} == names
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_has_settings_for_every_profile(task, profile):
+    cfg = _compose(f"profile={profile}", f"task={task}")
+    validate(cfg, 8 if profile == "paper" else 1)
+    assert (CONFIG_DIR / "task_profile" / f"{task}_{profile}.yaml").is_file()
+    if task != "uuid":
+        assert cfg.task.eval.source == ("fixture" if profile == "tiny" else "hub")
+        assert cfg.task.source.path == ("json" if profile == "tiny" else cfg.task.source.path)
 
 
 def test_table2_paper_profile_is_the_papers_setup():

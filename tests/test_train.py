@@ -34,6 +34,27 @@ def test_smoke_run_writes_a_complete_run_folder(tmp_path, method):
         assert [m["step"] for m in metrics if m.get("event") == "restart"] == [2]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["metamath", "tulu_v2", "biomed", "finance"])
+def test_every_text_task_trains_and_evaluates_through_the_engine(tmp_path, task):
+    summary = run(_compose(*smoke_overrides("mora", task, 2, tmp_path / task)))
+    assert check_run_folder(tmp_path / task) == []
+    assert summary["task"] == task and summary["steps"] == 2 and len(summary["data_hash"]) == 16
+    evaluation = summary["evaluation"]
+    columns = {"metamath": ["gsm8k", "math"], "tulu_v2": ["mmlu_0", "mmlu_5"]}.get(task, [task])
+    assert evaluation["step"] == 2 and all(0 <= evaluation["scores"][c] <= 100 for c in columns)
+    assert evaluation["details"]["source"] == "fixture" and evaluation["details"]["limit"] == 2
+    assert all(b["n"] <= 2 for b in evaluation["details"]["benchmarks"].values())
+    metrics = [json.loads(line) for line in (tmp_path / task / "metrics.jsonl").read_text().splitlines()]
+    assert {f"eval/{c}" for c in columns} <= set(metrics[-1])
+
+
+def test_epochs_set_the_number_of_steps(tmp_path):
+    overrides = smoke_overrides("lora", "metamath", 2, tmp_path / "run")
+    summary = run(_compose(*overrides, "train.epochs=2", "task.eval.columns=[gsm8k]"))
+    assert summary["epochs"] == 2 and summary["examples"] == 16 and summary["steps"] == 2 * (16 // 8)
+
+
 def test_same_seed_same_metrics_and_accumulation_invariance(tmp_path):
     common = smoke_overrides("mora", "uuid", 3, tmp_path / "a")[:-1]
     runs = {}
@@ -155,12 +176,12 @@ def test_multirun_sweep_writes_one_folder_per_job(tmp_path):
     assert all(check_run_folder(p) == [] for p in (tmp_path / "sweep").iterdir())
 
 
-def test_table2_runner_refuses_a_finished_run_of_another_config(tmp_path):
-    from experiments.table2 import finished
+def test_table_runner_refuses_a_finished_run_of_another_config(tmp_path):
+    from experiments.reproduce import Run, finished
 
     overrides = smoke_overrides("lora", "uuid", 2, tmp_path / "run")
-    assert not finished(tmp_path / "run", overrides)
+    assert not finished(Run("uuid", "lora", 1e-3, 0, tmp_path / "run", overrides))
     run(_compose(*overrides))
-    assert finished(tmp_path / "run", overrides)
+    assert finished(Run("uuid", "lora", 1e-3, 0, tmp_path / "run", overrides))
     with pytest.raises(SystemExit, match="holds a finished run of a different config"):
-        finished(tmp_path / "run", [*overrides, "task.n_pairs=24"])
+        finished(Run("uuid", "lora", 1e-3, 0, tmp_path / "run", [*overrides, "task.n_pairs=24"]))

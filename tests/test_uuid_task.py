@@ -5,7 +5,8 @@ import re
 import pytest
 import torch
 
-from mora.tasks.uuid import UuidTask, char_accuracy, char_tokenizer, collate, encode, generate_pairs
+from mora.tasks.data import collate
+from mora.tasks.uuid import UuidTask, char_accuracy, char_tokenizer, encode, generate_pairs
 
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
@@ -46,7 +47,7 @@ def test_epoch_order_and_batches_are_deterministic():
     b = [[e.input_ids for e in b] for b, _ in zip(task.batches(0, 4, seed=1), range(5), strict=False)]
     resumed = [[e.input_ids for e in b] for b, _ in zip(task.batches(3, 4, seed=1), range(2), strict=False)]
     assert a == b and resumed == a[3:5]
-    with pytest.raises(ValueError, match="exceeds the 10 pairs"):
+    with pytest.raises(ValueError, match="exceeds the 10 training examples"):
         next(task.batches(0, 11, seed=0))
 
 

@@ -88,14 +88,18 @@ def _restarts(cfg: Mapping[str, Any], regroup: str | None) -> Restarts:
 def asylora_init_(model: nn.Module, seed: int | None = None) -> None:
     """AsyLoRA's initialisation (PAPER.md §2.2): A = the first r columns of V^T from the SVD of a uniform random
     d_in x d_in matrix (rows orthonormal), B = 0, A stays trainable. The authors' code draws
-    rand(d_in, max(d_in, 4096)), which only fits A when d_in >= 4096, where the two agree."""
+    rand(d_in, max(d_in, 4096)), which only fits A when d_in >= 4096, where the two agree. The SVD runs on A's
+    device (as theirs, on the GPU: 224 of them on LLaMA-2-7B, up to 11008 x 11008); on the meta device there is
+    nothing to initialise."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     for module in model.modules():
         if not isinstance(module, LoraLayer):
             continue
         for name, lora_A in module.lora_A.items():
+            if lora_A.weight.is_meta:
+                continue
             r, d_in = lora_A.weight.shape
-            random = torch.rand(d_in, d_in, generator=generator, dtype=torch.float32)
+            random = torch.rand(d_in, d_in, generator=generator, dtype=torch.float32).to(lora_A.weight.device)
             _, _, vh = torch.linalg.svd(random)  # (d_in, d_in), orthogonal
             with torch.no_grad():
                 lora_A.weight.copy_(vh[:, :r].T.to(lora_A.weight.dtype))

@@ -204,8 +204,11 @@ def plot(path: Path, chosen: dict[str, list[dict[str, Any]]], profile: str) -> N
     plt.close(fig)
 
 
-def write_results(root: Path, out: Path, profile: str, cells: list[dict[str, Any]]) -> list[Path]:
-    """Collect the runs under root and write table2.md, table2.csv, table2.png and the chosen runs under out/runs."""
+def write_results(
+    root: Path, out: Path, profile: str, cells: list[dict[str, Any]], tasks: list[str] | None = None
+) -> list[Path]:
+    """Collect the runs under root and write table2.md, table2.csv, table2.png and the chosen runs under out/runs
+    (`tasks` is the generic runner's argument; Table 2 has one task)."""
     runs = load_runs(root)
     if not runs:
         raise ValueError(f"no finished runs under {root}: run `make reproduce-table2 PROFILE={profile}` first")

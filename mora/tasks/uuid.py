@@ -8,14 +8,18 @@ in percent. `exact` is the percentage of pairs generated exactly.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from mora.tasks.data import IGNORE, Example, collate, epoch_batches
 
 ALPHABET = "0123456789abcdef-:"
 SEPARATOR = ":"
@@ -47,62 +51,43 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]
-
-
 def encode(tokenizer: PreTrainedTokenizerBase, key: str, value: str) -> Example:
     prompt = [tokenizer.bos_token_id, *tokenizer(key + SEPARATOR, add_special_tokens=False).input_ids]
     target = [*tokenizer(value, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
-    return Example(prompt + target, [-100] * len(prompt) + target)
+    return Example(prompt + target, [IGNORE] * len(prompt) + target)
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding is masked out of attention and loss."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        labels[i, : len(e.labels)] = torch.tensor(e.labels)
-        mask[i, : len(e.input_ids)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+def build(cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> UuidTask:
+    return UuidTask(int(cfg["n_pairs"]), int(cfg["data_seed"]), tokenizer)
+
+
+def tokenizer(cfg: Mapping[str, Any]) -> PreTrainedTokenizerFast:
+    return char_tokenizer()
 
 
 class UuidTask:
     """The data recipe: pairs, their encoding, a seeded epoch order, and the accuracy metric."""
 
+    name = "uuid"
+
     def __init__(self, n_pairs: int, data_seed: int, tokenizer: PreTrainedTokenizerBase) -> None:
         self.pairs = generate_pairs(n_pairs, data_seed)
         self.tokenizer = tokenizer
         self.examples = [encode(tokenizer, k, v) for k, v in self.pairs]
+        digest = hashlib.sha256(json.dumps([e.input_ids for e in self.examples]).encode())
+        self.data_hash = digest.hexdigest()[:16]
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def epoch_order(self, epoch: int, seed: int) -> list[int]:
-        order = list(range(len(self.examples)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        return order
-
     def batches(self, start_step: int, batch: int, seed: int) -> Iterator[list[Example]]:
-        """Global batches from update `start_step` on: epochs are reshuffled by (seed, epoch); a batch never
-        spans two epochs (the last, smaller one of an epoch is dropped when N does not divide)."""
-        per_epoch = len(self.examples) // batch
-        if per_epoch == 0:
-            raise ValueError(f"train.global_batch={batch} exceeds the {len(self.examples)} pairs of the task")
-        step = start_step
-        while True:
-            epoch, index = divmod(step, per_epoch)
-            order = self.epoch_order(epoch, seed)
-            yield [self.examples[i] for i in order[index * batch : (index + 1) * batch]]
-            step += 1
+        return epoch_batches(len(self.examples), start_step, batch, seed, lambda idx: [self.examples[i] for i in idx])
+
+    def collate(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        return collate(examples, self.tokenizer.pad_token_id)
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, batch_size: int = 256) -> dict[str, float]:
+    def evaluate(self, model: torch.nn.Module, batch_size: int = 256) -> dict[str, Any]:
         """Greedy generation of every value; character-level accuracy and exact match, in percent."""
         was_training = model.training
         model.eval()

@@ -36,10 +36,9 @@ from mora.adapters.build import METHODS, build_adapter
 from mora.adapters.peft_tuner import MoraLayer
 from mora.models import build_model, ensure_local
 from mora.paths import REPO_ROOT
-from mora.tasks.uuid import UuidTask, char_tokenizer, collate
+from mora.tasks import Task, build_task, recipe, task_tokenizer
 from mora.training.restarts import jagged_factor, schedule_factor
 
-TASKS = ("uuid",)
 CHECKPOINT_STATE = "state.json"  # written last: a checkpoint folder without it is incomplete
 
 
@@ -55,29 +54,50 @@ def validate(cfg: DictConfig, world: int = 1) -> None:
         r = cfg.adapter.r
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"adapter.r must be a positive integer, got {r!r}")
-    if cfg.task.name not in TASKS:
-        raise ValueError(f"unknown task {cfg.task.name!r}; this engine runs {', '.join(TASKS)}")
+    recipe(cfg.task)
     t = cfg.train
     if not t.lr > 0:
         raise ValueError(f"train.lr must be positive, got {t.lr}")
-    if t.steps <= 0:
+    epochs = t.get("epochs")
+    if epochs is not None and not epochs > 0:
+        raise ValueError(f"train.epochs must be positive (or null: train.steps counts), got {epochs}")
+    if epochs is None and not (t.steps or 0) > 0:
         raise ValueError(f"train.steps must be positive, got {t.steps}")
     if t.micro_batch <= 0 or t.global_batch % (t.micro_batch * world):
         raise ValueError(
             f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch} x "
             f"{world} processes; choose a global batch that is a multiple of {t.micro_batch * world}"
         )
-    bad_steps = [s for s in t.eval_steps if not 0 < s <= t.steps]
-    if bad_steps:
-        raise ValueError(f"train.eval_steps {bad_steps} fall outside 1..train.steps={t.steps}")
+    if epochs is None:
+        check_eval_steps(t.eval_steps, t.steps)
     if t.checkpoint_every < 0:
         raise ValueError(f"train.checkpoint_every must be >= 0 (0: no checkpoints), got {t.checkpoint_every}")
 
 
+def check_eval_steps(eval_steps: list[int], steps: int) -> None:
+    bad = [s for s in eval_steps if not 0 < s <= steps]
+    if bad:
+        raise ValueError(f"train.eval_steps {bad} fall outside 1..{steps} (the run's steps)")
+
+
+def total_steps(train: DictConfig, examples: int) -> int:
+    """train.steps, or with train.epochs set, epochs x the full global batches of one epoch."""
+    if train.get("epochs") is None:
+        return int(train.steps)
+    steps = int(train.epochs * (examples // train.global_batch))
+    if steps <= 0:
+        raise ValueError(
+            f"train.epochs={train.epochs} of {examples} examples at train.global_batch={train.global_batch} is no "
+            "full step; lower the global batch or add data"
+        )
+    return steps
+
+
 def config_hash(cfg: DictConfig) -> str:
-    """Hash of what determines the run's numbers (everything but run.*, train.progress and wandb.*)."""
+    """Hash of what determines the run's numbers (everything but run.*, train.progress, wandb.* and the experiment's
+    description of its table: table, grid, base)."""
     data = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("run", "wandb", "grid"):
+    for key in ("run", "wandb", "table", "grid", "base"):
         data.pop(key, None)
     data["train"].pop("progress", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
@@ -103,9 +123,9 @@ def run_dir(cfg: DictConfig, accelerator: Accelerator) -> Path:
 
 
 def load_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
-    """The model's own tokenizer for a hub / local model; the project's character tokenizer for random-init ones."""
+    """The model's own tokenizer for a hub / local model; the task's tokenizer for a model built from config."""
     if not cfg.model.pretrained:
-        return char_tokenizer()
+        return task_tokenizer(cfg.task)
     tokenizer = AutoTokenizer.from_pretrained(ensure_local(str(cfg.model.pretrained), "tokenizer"))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
@@ -146,11 +166,11 @@ def environment(accelerator: Accelerator) -> dict[str, Any]:
     }
 
 
-def lr_factor(cfg: DictConfig, restarts_every: int | None, restart_warmup: int):
+def lr_factor(cfg: DictConfig, steps: int, restarts_every: int | None, restart_warmup: int):
     t = cfg.train
     if restarts_every:
-        return lambda step: jagged_factor(t.schedule, step, t.warmup, t.steps, restarts_every, restart_warmup)
-    return lambda step: schedule_factor(t.schedule, step, t.warmup, t.steps)
+        return lambda step: jagged_factor(t.schedule, step, t.warmup, steps, restarts_every, restart_warmup)
+    return lambda step: schedule_factor(t.schedule, step, t.warmup, steps)
 
 
 class MetricsLog:
@@ -279,7 +299,9 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
     t = cfg.train
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
-    task = UuidTask(cfg.task.n_pairs, cfg.task.data_seed, tokenizer)
+    task: Task = build_task(cfg.task, tokenizer)
+    steps = total_steps(t, len(task))
+    check_eval_steps(t.eval_steps, steps)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     if not model_cfg.get("pretrained"):
         model_cfg["config"]["vocab_size"] = len(tokenizer)
@@ -293,7 +315,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
             "partitions; run it with launcher=ddp or local"
         )
     optimizer = adapted.optimizer(lr=t.lr, weight_decay=t.weight_decay)
-    factor = lr_factor(cfg, restarts.every if restarts else None, restarts.warmup if restarts else 0)
+    factor = lr_factor(cfg, steps, restarts.every if restarts else None, restarts.warmup if restarts else 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     model, optimizer = accelerator.prepare(adapted.model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
@@ -311,20 +333,21 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
     elif accelerator.is_main_process:
         (out / "metrics.jsonl").unlink(missing_ok=True)
 
-    eval_steps = set(t.eval_steps)
+    eval_steps = set(t.eval_steps) | {steps}  # the trained model is always evaluated
+    evaluation: dict[str, Any] = {}
     batches = task.batches(start, t.global_batch, cfg.seed)
     loss_value = math.nan
-    bar = tqdm(total=t.steps, initial=start, disable=not accelerator.is_main_process or not t.progress, desc=out.name)
+    bar = tqdm(total=steps, initial=start, disable=not accelerator.is_main_process or not t.progress, desc=out.name)
     clock, clock_tokens = time.time(), tokens_seen
-    for step in range(start, t.steps):
+    for step in range(start, steps):
         examples = next(batches)
-        full = collate(examples, tokenizer.pad_token_id)
+        full = task.collate(examples)
         n_tokens = int((full["labels"][:, 1:] != -100).sum())  # label tokens of the whole global batch
         mine = examples[rank * micro * accumulation : (rank + 1) * micro * accumulation]
         loss_sum = torch.zeros((), device=accelerator.device)
         model.train()
         for i in range(accumulation):
-            batch = collate(mine[i * micro : (i + 1) * micro], tokenizer.pad_token_id)
+            batch = task.collate(mine[i * micro : (i + 1) * micro])
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model):
                 part = token_loss_sum(model, batch)
@@ -338,12 +361,12 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        if restarts and restarts.due(done, t.steps):
+        if restarts and restarts.due(done, steps):
             restarts.restart(accelerator.unwrap_model(model), optimizer)
             log.write({"step": done, "event": "restart"})
         loss_value = float(accelerator.reduce(loss_sum, reduction="sum")) / n_tokens
         tokens_seen += int(full["attention_mask"].sum())
-        if done % t.log_every == 0 or done == t.steps:
+        if done % t.log_every == 0 or done == steps:
             elapsed = time.time() - clock
             rate = (tokens_seen - clock_tokens) / max(elapsed, 1e-9)
             log.write(
@@ -359,10 +382,12 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
         bar.update(1)
         if done in eval_steps:
             metrics = task.evaluate(accelerator.unwrap_model(model), t.eval_batch)
+            details = metrics.pop("details", None)
             record = {"step": done, **{f"eval/{k}": v for k, v in metrics.items()}, "train/loss": loss_value}
             history.append(record)
             log.write(record)
-        if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.steps:
+            evaluation = {"step": done, "scores": metrics, **({"details": details} if details else {})}
+        if t.checkpoint_every and done % t.checkpoint_every == 0 and done < steps:
             save_checkpoint(accelerator, model, out, done, {"tokens": tokens_seen})
     bar.close()
     accelerator.wait_for_everyone()
@@ -376,7 +401,10 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
         "rank": None if cfg.adapter.method == "fft" else cfg.adapter.r,
         "compression": cfg.adapter.get("compression"),
         "lr": t.lr,
-        "steps": t.steps,
+        "steps": steps,
+        "epochs": t.get("epochs"),
+        "examples": len(task),
+        "data_hash": task.data_hash,
         "global_batch": t.global_batch,
         "world_size": world,
         "accumulation": accumulation,
@@ -386,4 +414,5 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
         "tokens": tokens_seen,
         "tokens_per_s": round((tokens_seen - clock_tokens) / max(time.time() - clock, 1e-9), 1),
         "evals": history,
+        "evaluation": evaluation,
     }

@@ -1,0 +1,226 @@
+"""Reproduce one of the paper's tables: the one runner for every table, driven by configs/experiment/<table>.yaml.
+
+    python experiments/reproduce.py table2 --profile tiny --seeds 0 1 2
+    python experiments/reproduce.py table1 --profile tiny --tasks metamath --seeds 0
+    python experiments/reproduce.py table1 --profile paper --launcher deepspeed_zero2 --nproc 8 --dry-run
+
+The experiment config names the table's tasks (`table.tasks`), its cells per profile (`grid.<profile>`: an adapter
+with its settings and fixed `overrides`, a learning-rate grid, optionally per task, and an optional `search` over
+other settings, every combination of which is run and the best reported) and an
+optional base model to train first (`base.<profile>`). Every cell x task x learning rate x search point x seed is
+one run folder under runs/<table>/<profile>/[<task>/]; finished runs are skipped, unfinished ones resume, and a
+finished run of another config stops the command. The runs go in this process (the CPU profile, `--jobs` side by
+side) or each through `python -m mora.launch` with `--launcher` / `--nproc` / `--nnodes` (GPUs); `--dry-run` prints
+the command of every run instead. Then the table's reporter (`mora.reporting.<table.layout>`) writes results/<table>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import os
+import shlex
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from mora.paths import CONFIG_DIR, REPO_ROOT
+from mora.training.run import config_hash
+
+PROFILES = ("tiny", "paper")
+IN_PROCESS = "in-process"
+LAUNCHERS = (IN_PROCESS, "local", "ddp", "deepspeed_zero2", "deepspeed_zero3")
+CELL_KEYS = ("r", "alpha", "compression", "loraplus_ratio")
+
+
+@dataclass
+class Run:
+    task: str
+    cell: str
+    lr: float
+    seed: int
+    folder: Path
+    overrides: list[str] = field(default_factory=list)
+    launcher: str | None = None  # the cell's own launcher on GPUs (ReLoRA/ReMoRA restarts need DDP, not DeepSpeed)
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def experiment(table: str, profile: str) -> dict[str, Any]:
+    """The experiment config's table, cells and base model for one profile."""
+    if not (CONFIG_DIR / "experiment" / f"{table}.yaml").is_file():
+        tables = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+        raise ValueError(f"unknown table {table!r}; configs/experiment has {', '.join(tables)}")
+    cfg = compose_cfg([f"profile={profile}", f"experiment={table}"])
+    if profile not in cfg.grid:
+        raise ValueError(f"experiment {table} has no grid for profile {profile!r}")
+    return {
+        "table": OmegaConf.to_container(cfg.table, resolve=True),
+        "cells": OmegaConf.to_container(cfg.grid[profile], resolve=True),
+        "base": (OmegaConf.to_container(cfg.base, resolve=True) or {}).get(profile) if "base" in cfg else None,
+    }
+
+
+def _value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def search_points(cell: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every combination of the cell's `search` settings ({} when it has none)."""
+    search = cell.get("search") or {}
+    return [dict(zip(search, values, strict=True)) for values in itertools.product(*search.values())]
+
+
+def cell_lrs(cell: dict[str, Any], task: str) -> list[float]:
+    lrs = cell["lrs"]
+    return list(lrs[task] if isinstance(lrs, dict) else lrs)
+
+
+def runs(
+    table: str, profile: str, seeds: list[int], tasks: list[str], root: Path, cells: list[str] | None = None
+) -> tuple[list[Run], Run | None]:
+    """The table's runs for these tasks, seeds and cells (None: all), and the base-model run they start from."""
+    spec = experiment(table, profile)
+    common = [f"profile={profile}", f"experiment={table}", "train.progress=false"]
+    base = None
+    if spec["base"]:
+        b = spec["base"]
+        folder = root / "base"
+        base = Run(spec["table"]["tasks"][0], "base", b["lr"], b["seed"], folder)
+        base.overrides = [*common, f"task={base.task}", "adapter=fft", f"train.lr={b['lr']}", f"seed={b['seed']}"]
+        base.overrides += [f"{k}={_value(v)}" for k, v in b.get("overrides", {}).items()] + [f"run.dir={folder}"]
+    nested = len(spec["table"]["tasks"]) > 1
+    out = []
+    for task in tasks:
+        for cell in spec["cells"]:
+            if task not in cell.get("tasks", spec["table"]["tasks"]) or (cells and cell["name"] not in cells):
+                continue
+            for lr, point, seed in itertools.product(cell_lrs(cell, task), search_points(cell), seeds):
+                tag = "".join(f"-{k.rsplit('.', 1)[-1]}{_value(v)}" for k, v in point.items())
+                name = f"{cell['name']}-lr{lr:g}{tag}-s{seed}"
+                folder = root / task / name if nested else root / name
+                overrides = [*common, f"task={task}", f"adapter={cell['adapter']}", f"train.lr={lr}", f"seed={seed}"]
+                overrides += [f"adapter.{k}={_value(cell[k])}" for k in CELL_KEYS if k in cell]
+                overrides += [f"{k}={_value(v)}" for k, v in (cell.get("overrides") or {}).items()]
+                overrides += [f"{k}={_value(v)}" for k, v in point.items()]
+                if base is not None:
+                    overrides.append(f"model.pretrained={base.folder / 'adapter'}")
+                overrides.append(f"run.dir={folder}")
+                out.append(Run(task, cell["name"], lr, seed, folder, overrides, cell.get("launcher")))
+    return out, base
+
+
+def finished(run: Run) -> bool:
+    """True when the folder holds a finished run of exactly this config; a finished run of another config (the
+    profile or grid changed since) stops the command rather than entering the table."""
+    summary = run.folder / "summary.json"
+    if not (summary.exists() and json.loads(summary.read_text()).get("status") == "finished"):
+        return False
+    if config_hash(OmegaConf.load(run.folder / "config.yaml")) != config_hash(compose_cfg(run.overrides)):
+        raise SystemExit(
+            f"error: {run.folder} holds a finished run of a different config; delete it or pass --runs elsewhere"
+        )
+    return True
+
+
+def command(run: Run, launcher: str, nproc: int, nnodes: int) -> list[str]:
+    """The command line of one run outside this process."""
+    if launcher in (IN_PROCESS, "local"):
+        return [sys.executable, "-m", "mora.train", *run.overrides]
+    launcher = run.launcher or launcher
+    launch = [f"launcher={launcher}", f"launcher.num_processes={nproc}", f"launcher.num_machines={nnodes}"]
+    return [sys.executable, "-m", "mora.launch", *launch, *run.overrides]
+
+
+def run_in_process(overrides: list[str], threads: int) -> str:
+    import torch
+
+    from mora.training.run import run
+
+    torch.set_num_threads(threads)
+    summary = run(compose_cfg(overrides))
+    return f"{summary['method']} lr={summary['lr']} seed={summary['seed']}: {summary['status']} ({summary['wall_s']} s)"
+
+
+def execute(todo: list[Run], launcher: str, nproc: int, nnodes: int, jobs: int) -> None:
+    if launcher == IN_PROCESS:
+        threads = max(1, (os.cpu_count() or 2) // jobs)
+        if jobs == 1:
+            for run in todo:
+                print(run_in_process(run.overrides, threads), flush=True)
+            return
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            for line in pool.map(run_in_process, [r.overrides for r in todo], [threads] * len(todo)):
+                print(line, flush=True)
+        return
+    for run in todo:
+        cmd = command(run, launcher, nproc, nnodes)
+        print(f"{run.folder}: {shlex.join(cmd[1:])}", flush=True)
+        result = subprocess.run(cmd, cwd=REPO_ROOT)
+        if result.returncode:
+            raise SystemExit(f"error: the run in {run.folder} failed (exit code {result.returncode}); see its summary")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("table", help="an experiment config: table1, table2")
+    parser.add_argument("--profile", default="tiny", choices=PROFILES)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--tasks", nargs="+", help="run only these of the table's tasks (e.g. metamath)")
+    parser.add_argument("--cells", nargs="+", help="run only these cells (rows), e.g. lora-r8 mora-r8")
+    parser.add_argument("--launcher", choices=LAUNCHERS, help="default: in-process on tiny, deepspeed_zero2 on paper")
+    parser.add_argument("--nproc", type=int, default=8, help="processes (GPUs) per node for mora.launch")
+    parser.add_argument("--nnodes", type=int, default=1, help="nodes for mora.launch (run the command on each)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs side by side (in-process only)")
+    parser.add_argument("--runs", type=Path, help="default: runs/<table>/<profile>")
+    parser.add_argument("--out", type=Path, help="default: results/<table>")
+    parser.add_argument("--dry-run", action="store_true", help="print every run's command; run nothing")
+    args = parser.parse_args(argv)
+    for name in ("jobs", "nproc", "nnodes"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    try:
+        spec = experiment(args.table, args.profile)
+    except ValueError as error:
+        parser.error(str(error))
+    table_tasks = list(spec["table"]["tasks"])
+    tasks = args.tasks or table_tasks
+    unknown = [t for t in tasks if t not in table_tasks]
+    if unknown:
+        parser.error(f"--tasks {unknown} are not tasks of {args.table}; it has {', '.join(table_tasks)}")
+    names = [c["name"] for c in spec["cells"]]
+    if args.cells and not set(args.cells) <= set(names):
+        parser.error(f"--cells {sorted(set(args.cells) - set(names))} are not cells of {args.table}; it has {names}")
+    launcher = args.launcher or (IN_PROCESS if args.profile == "tiny" else "deepspeed_zero2")
+    root = args.runs or REPO_ROOT / "runs" / args.table / args.profile
+    todo, base = runs(args.table, args.profile, args.seeds, tasks, root, args.cells)
+    if args.dry_run:
+        for run in ([base] if base else []) + todo:
+            print(shlex.join(command(run, launcher, args.nproc, args.nnodes)))
+        return 0
+    if base is not None and not finished(base):
+        print(f"{args.table} ({args.profile}): training the base model in {base.folder}", flush=True)
+        execute([base], launcher, args.nproc, args.nnodes, jobs=1)
+    todo = [r for r in todo if not finished(r)]
+    print(f"{args.table} ({args.profile}): {len(todo)} runs to do in {root}", flush=True)
+    execute(todo, launcher, args.nproc, args.nnodes, args.jobs)
+    reporter = importlib.import_module(f"mora.reporting.{spec['table']['layout']}")
+    out = args.out or REPO_ROOT / "results" / args.table
+    paths = reporter.write_results(root, out, args.profile, spec["cells"], table_tasks)  # every task run so far
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
