@@ -46,8 +46,8 @@ lint: $(STAMP) ## ruff check + format check
 	$(VENV)/bin/ruff check mora tests experiments scripts bench
 	$(VENV)/bin/ruff format --check mora tests experiments scripts bench
 
-reproduce-table1: $(STAMP) ## Tables 1, 6, 7: PROFILE=tiny|paper, SEEDS, TASKS="metamath ...", LAUNCHER, NPROC, DRY_RUN=1 -> results/table1/
-	$(PY) experiments/reproduce.py table1 $(REPRODUCE_ARGS) --seeds $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),0))
+reproduce-table1: $(STAMP) ## Tables 1, 6, 7: PROFILE=tiny|paper, SEEDS="0 1 2", TASKS=, CELLS=, LAUNCHER=, NPROC=, DRY_RUN=1 -> results/table1/
+	$(PY) experiments/reproduce.py table1 $(REPRODUCE_ARGS) --seeds $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),0 1 2))
 
 reproduce-table2: $(STAMP) ## Table 2 (UUID memorization): PROFILE=tiny|paper, SEEDS="0 1 2" or SEED=0 -> results/table2/
 	$(PY) experiments/reproduce.py table2 $(REPRODUCE_ARGS) --seeds $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),0 1 2))

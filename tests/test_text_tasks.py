@@ -142,3 +142,16 @@ def test_missing_evaluation_sets_offline_stop_before_training(monkeypatch, tmp_p
     with pytest.raises(MissingAssetError, match=r"evaluation dataset 'openai/gsm8k' \(main\).*make prefetch") as e:
         build_task(cfg, fixture_bpe())
     assert "\n" not in str(e.value)
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    cfg = _task_cfg("tulu_v2", "profile=tiny")
+    task = build_task(cfg, task_tokenizer(cfg))
+
+    def ids(start, n, seed):
+        return [[e.input_ids for e in b] for b, _ in zip(task.batches(start, 4, seed), range(n), strict=False)]
+
+    first = ids(0, 7, seed=1)
+    assert first == ids(0, 7, seed=1) and ids(4, 3, seed=1) == first[4:]  # a resumed run sees the same batches
+    assert first != ids(0, 7, seed=2)
+    assert sorted(map(str, sum(first[:3], []))) == sorted(map(str, task.dataset["input_ids"]))  # an epoch: each once

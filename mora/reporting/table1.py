@@ -195,14 +195,16 @@ def plot_losses(path: Path, task: str, chosen: dict[str, list], cells: list[dict
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for i, cell in enumerate(c for c in cells if c["name"] in chosen):
+    methods = list(dict.fromkeys(c["label"] for c in cells if c["label"] != "FFT"))  # one colour per method
+    for cell in (c for c in cells if c["name"] in chosen):
         group = chosen[cell["name"]]
         curves = [{m["step"]: m["train/loss"] for m in r["metrics"] if "tokens" in m} for r in group]
         steps = sorted(set.intersection(*(set(c) for c in curves)))
         mean = [statistics.mean(c[s] for c in curves) for s in steps]
-        style = "-" if cell.get("paper_rank") != 8 else "--"
+        style = "--" if cell.get("paper_rank") == 8 else "-"  # one line style per rank
+        color = "black" if cell["label"] == "FFT" else f"C{methods.index(cell['label'])}"
         label = cell["label"] + (f" r={cell['paper_rank']}" if cell.get("paper_rank") else "")
-        ax.plot(steps, mean, style, color=f"C{i % 10}", label=label)
+        ax.plot(steps, mean, style, color=color, label=label)
     ax.set(xlabel="step", ylabel="training loss", title=f"{task} ({profile}): training loss, mean over seeds")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
