@@ -8,13 +8,15 @@ SEED ?=
 SEEDS ?=
 TASKS ?=
 CELLS ?=
+SET ?=
 LAUNCHER ?=
-NPROC ?= 8
+NPROC ?=
 NNODES ?= 1
 DRY_RUN ?=
-# the one table runner (experiments/reproduce.py); SEED/SEEDS, TASKS, CELLS, LAUNCHER, NPROC, NNODES, DRY_RUN=1 reach it
-REPRODUCE_ARGS = --profile $(PROFILE) --nproc $(NPROC) --nnodes $(NNODES) \
-	$(if $(TASKS),--tasks $(TASKS)) $(if $(CELLS),--cells $(CELLS)) $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(DRY_RUN),--dry-run)
+# the one table runner (experiments/reproduce.py); SEED/SEEDS, TASKS, CELLS, SET (Hydra overrides for every run),
+# LAUNCHER, NPROC, NNODES and DRY_RUN=1 reach it
+REPRODUCE_ARGS = --profile $(PROFILE) --nnodes $(NNODES) $(if $(NPROC),--nproc $(NPROC)) \
+	$(if $(TASKS),--tasks $(TASKS)) $(if $(CELLS),--cells $(CELLS)) $(if $(SET),--set $(SET)) $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(DRY_RUN),--dry-run)
 
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
@@ -46,7 +48,7 @@ lint: $(STAMP) ## ruff check + format check
 	$(VENV)/bin/ruff check mora tests experiments scripts bench
 	$(VENV)/bin/ruff format --check mora tests experiments scripts bench
 
-reproduce-table1: $(STAMP) ## Tables 1, 6, 7: PROFILE=tiny|paper, SEEDS="0 1 2", TASKS=, CELLS=, LAUNCHER=, NPROC=, DRY_RUN=1 -> results/table1/
+reproduce-table1: $(STAMP) ## Tables 1, 6, 7: PROFILE=tiny|paper, SEEDS="0 1 2", TASKS=, CELLS=, SET=, LAUNCHER=, NPROC=, DRY_RUN=1 -> results/table1/
 	$(PY) experiments/reproduce.py table1 $(REPRODUCE_ARGS) --seeds $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),0 1 2))
 
 reproduce-table2: $(STAMP) ## Table 2 (UUID memorization): PROFILE=tiny|paper, SEEDS="0 1 2" or SEED=0 -> results/table2/

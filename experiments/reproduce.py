@@ -6,12 +6,13 @@
 
 The experiment config names the table's tasks (`table.tasks`), its cells per profile (`grid.<profile>`: an adapter
 with its settings and fixed `overrides`, a learning-rate grid, optionally per task, and an optional `search` over
-other settings, every combination of which is run and the best reported) and an
-optional base model to train first (`base.<profile>`). Every cell x task x learning rate x search point x seed is
-one run folder under runs/<table>/<profile>/[<task>/]; finished runs are skipped, unfinished ones resume, and a
-finished run of another config stops the command. The runs go in this process (the CPU profile, `--jobs` side by
-side) or each through `python -m mora.launch` with `--launcher` / `--nproc` / `--nnodes` (GPUs); `--dry-run` prints
-the command of every run instead. Then the table's reporter (`mora.reporting.<table.layout>`) writes results/<table>/.
+other settings, every combination of which is run and the best reported) and an optional base model to train
+first (`base.<profile>`); `--set` adds Hydra overrides to every run. Every cell x task x learning rate x search
+point x seed is one run folder under runs/<table>/<profile>/[<task>/]; finished runs are skipped, unfinished ones
+resume, and a finished run of another config stops the command. The runs go in this process (the CPU profile,
+`--jobs` side by side) or each through `python -m mora.launch` with `--launcher` / `--nproc` / `--nnodes` (GPUs);
+`--dry-run` prints the command of every run instead. Then the table's reporter (`mora.reporting.<table.layout>`)
+writes results/<table>/.
 """
 
 from __future__ import annotations
@@ -88,18 +89,27 @@ def cell_lrs(cell: dict[str, Any], task: str) -> list[float]:
 
 
 def runs(
-    table: str, profile: str, seeds: list[int], tasks: list[str], root: Path, cells: list[str] | None = None
+    table: str,
+    profile: str,
+    seeds: list[int],
+    tasks: list[str],
+    root: Path,
+    cells: list[str] | None = None,
+    extra: list[str] | None = None,
 ) -> tuple[list[Run], Run | None]:
-    """The table's runs for these tasks, seeds and cells (None: all), and the base-model run they start from."""
+    """The table's runs for these tasks, seeds and cells (None: all), with the `extra` Hydra overrides added to
+    every run, and the base-model run they start from."""
     spec = experiment(table, profile)
     common = [f"profile={profile}", f"experiment={table}", "train.progress=false"]
+    extra = list(extra or [])
     base = None
     if spec["base"]:
         b = spec["base"]
         folder = root / "base"
         base = Run(spec["table"]["tasks"][0], "base", b["lr"], b["seed"], folder)
         base.overrides = [*common, f"task={base.task}", "adapter=fft", f"train.lr={b['lr']}", f"seed={b['seed']}"]
-        base.overrides += [f"{k}={_value(v)}" for k, v in b.get("overrides", {}).items()] + [f"run.dir={folder}"]
+        base.overrides += [f"{k}={_value(v)}" for k, v in b.get("overrides", {}).items()]
+        base.overrides += [*extra, f"run.dir={folder}"]
     nested = len(spec["table"]["tasks"]) > 1
     out = []
     for task in tasks:
@@ -116,7 +126,7 @@ def runs(
                 overrides += [f"{k}={_value(v)}" for k, v in point.items()]
                 if base is not None:
                     overrides.append(f"model.pretrained={base.folder / 'adapter'}")
-                overrides.append(f"run.dir={folder}")
+                overrides += [*extra, f"run.dir={folder}"]
                 out.append(Run(task, cell["name"], lr, seed, folder, overrides, cell.get("launcher")))
     return out, base
 
@@ -180,13 +190,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", help="run only these of the table's tasks (e.g. metamath)")
     parser.add_argument("--cells", nargs="+", help="run only these cells (rows), e.g. lora-r8 mora-r8")
     parser.add_argument("--launcher", choices=LAUNCHERS, help="default: in-process on tiny, deepspeed_zero2 on paper")
-    parser.add_argument("--nproc", type=int, default=8, help="processes (GPUs) per node for mora.launch")
+    parser.add_argument("--nproc", type=int, help="processes per node (default: every visible GPU, or 8)")
     parser.add_argument("--nnodes", type=int, default=1, help="nodes for mora.launch (run the command on each)")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (in-process only)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="Hydra overrides for every run")
     parser.add_argument("--runs", type=Path, help="default: runs/<table>/<profile>")
     parser.add_argument("--out", type=Path, help="default: results/<table>")
     parser.add_argument("--dry-run", action="store_true", help="print every run's command; run nothing")
     args = parser.parse_args(argv)
+    if args.nproc is None:
+        import torch
+
+        args.nproc = torch.cuda.device_count() or 8
     for name in ("jobs", "nproc", "nnodes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -204,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--cells {sorted(set(args.cells) - set(names))} are not cells of {args.table}; it has {names}")
     launcher = args.launcher or (IN_PROCESS if args.profile == "tiny" else "deepspeed_zero2")
     root = args.runs or REPO_ROOT / "runs" / args.table / args.profile
-    todo, base = runs(args.table, args.profile, args.seeds, tasks, root, args.cells)
+    bad = [o for o in args.set if "=" not in o]
+    if bad:
+        parser.error(f"--set {bad}: each override is KEY=VALUE, e.g. train.micro_batch=2")
+    todo, base = runs(args.table, args.profile, args.seeds, tasks, root, args.cells, args.set)
     if args.dry_run:
         for run in ([base] if base else []) + todo:
             print(shlex.join(command(run, launcher, args.nproc, args.nnodes)))

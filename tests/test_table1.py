@@ -69,6 +69,9 @@ def test_dry_run_prints_one_launch_command_per_paper_run(capsys):
         relora = "adapter=relora" in line
         assert ("launcher=ddp" if relora else "launcher=deepspeed_zero2") in line  # restarts need DDP
     assert sum("adapter.loraplus_ratio=2" in line for line in lines) == 4
+    main(["table1", "--profile", "paper", "--dry-run", "--tasks", "biomed", "--set", "task.source.path=json"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 33 and all("task.source.path=json run.dir=" in line for line in lines)
 
 
 def test_runner_refuses_bad_arguments_in_one_line(capsys):
@@ -77,6 +80,7 @@ def test_runner_refuses_bad_arguments_in_one_line(capsys):
         (["table1", "--tasks", "gsm8k"], "--tasks ['gsm8k'] are not tasks of table1"),
         (["table1", "--cells", "lora-r16"], "--cells ['lora-r16'] are not cells of table1"),
         (["table1", "--jobs", "0"], "--jobs must be at least 1"),
+        (["table1", "--set", "train.lr"], "--set ['train.lr']: each override is KEY=VALUE"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

@@ -61,10 +61,13 @@ def epoch_batches(
     per_epoch = n // batch
     if per_epoch == 0:
         raise ValueError(f"train.global_batch={batch} exceeds the {n} training examples of the task")
-    step = start_step
+    step, epoch, order = start_step, -1, []
     while True:
-        epoch, index = divmod(step, per_epoch)
-        yield fetch(epoch_order(n, epoch, seed)[index * batch : (index + 1) * batch])
+        index = step % per_epoch
+        if step // per_epoch != epoch:  # one permutation per epoch, not per step (326k examples for Tulu v2)
+            epoch = step // per_epoch
+            order = epoch_order(n, epoch, seed)
+        yield fetch(order[index * batch : (index + 1) * batch])
         step += 1
 
 
@@ -167,8 +170,8 @@ def tokenised(
     if not (folder / "dataset_info.json").is_file():
         tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
         build(raw).save_to_disk(str(tmp))
-        if folder.exists():  # another process built it meanwhile
-            shutil.rmtree(tmp)
-        else:
+        try:
             tmp.rename(folder)
+        except OSError:  # another process (a rank of the same run) built it meanwhile
+            shutil.rmtree(tmp)
     return datasets.load_from_disk(str(folder)), key
