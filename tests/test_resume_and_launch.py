@@ -226,6 +226,38 @@ def test_two_processes_give_the_one_process_loss_curve(tmp_path, pretrained_base
 
 
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("launcher", ["ddp", "deepspeed_zero2"])
+def test_a_text_task_on_two_processes_trains_and_evaluates_as_on_one(tmp_path, launcher):
+    """MetaMath on its fixture, evaluated through lm-eval in every process (lm-eval answers on LOCAL_RANK 0 only;
+    the engine takes process 0's scores)."""
+    overrides = [
+        "task=metamath",
+        "adapter=mora",
+        "adapter.r=2",
+        "adapter.dropout=0",
+        "train.epochs=null",
+        "train.steps=4",
+        "train.eval_steps=[4]",
+        "train.global_batch=8",
+        "train.log_every=1",
+        "train.progress=false",
+        "task.eval.limit=2",
+        "task.eval.gen_kwargs={max_gen_toks:8}",
+        "task.eval.columns=[gsm8k]",
+    ]
+    single = tmp_path / "single"
+    run(_compose(*overrides, "train.micro_batch=8", f"run.dir={single}"))
+    double = tmp_path / launcher
+    _wait(_launch(launcher, [*overrides, "train.micro_batch=4", f"run.dir={double}"], port=29561))
+    one, two = (json.loads((d / "summary.json").read_text()) for d in (single, double))
+    assert two["status"] == "finished" and two["world_size"] == 2 and two["data_hash"] == one["data_hash"]
+    for a, b in zip(_train_records(single), _train_records(double), strict=True):
+        assert abs(a["train/loss"] - b["train/loss"]) <= 1e-3, (a, b)
+    assert two["evaluation"]["scores"] == pytest.approx(one["evaluation"]["scores"])
+    assert two["evaluation"]["details"]["benchmarks"]["gsm8k"]["n"] == 2
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("launcher,port", [("deepspeed_zero2", 29531), ("deepspeed_zero3", 29541)])
 def test_deepspeed_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, pretrained_base, launcher, port):
     steps = ["train.steps=120", "train.eval_steps=[120]", "train.checkpoint_every=10"]  # long enough to be killed

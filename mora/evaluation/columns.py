@@ -99,7 +99,7 @@ def evaluate_columns(
     limit: int | None = None,
     max_length: int | None = None,
     gen_kwargs: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """score_columns on an in-memory model (in eval mode meanwhile), through lm-eval's HF wrapper."""
     from mora.evaluation.lm import wrap
 
@@ -117,10 +117,11 @@ def score_columns(
     source: str = "hub",
     limit: int | None = None,
     gen_kwargs: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Scores (0-100) of the named columns and of their parts (`<column>/<part>`) on an lm-eval model, plus
     "details": lm-eval's results and config per benchmark. With source="fixture", benchmarks without a local
-    fixture are skipped and listed under details["skipped"]; a part left with none is an error."""
+    fixture are skipped and listed under details["skipped"]; a part left with none is an error. None where lm-eval
+    returns no results (a process of a multi-process run whose LOCAL_RANK is not 0)."""
     known = columns()
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -131,6 +132,8 @@ def score_columns(
         skipped = [b.name for c in chosen for p in c.parts for b in p.benchmarks if not has_fixture(b)]
     benchmarks = [b for c in chosen for p in c.parts for b in p.benchmarks if b.name not in skipped]
     results = run_lm_eval(lm, benchmarks, source=source, limit=limit, gen_kwargs=gen_kwargs)
+    if results is None:
+        return None
     scores: dict[str, Any] = {}
     for column in chosen:
         part_scores = []

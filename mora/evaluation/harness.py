@@ -96,11 +96,12 @@ def run_lm_eval(
     source: str = "hub",
     limit: int | None = None,
     gen_kwargs: Mapping[str, Any] | None = None,
-) -> dict:
+) -> dict | None:
     """Run the benchmarks on an lm-eval model object (HFLM or any lm_eval.api.model.LM); one simple_evaluate per
     distinct num_fewshot; gen_kwargs update every generative task's generation_kwargs (e.g. max_gen_toks).
     Returns {benchmark name: {"score": metric x 100, "metric": key, "results": lm-eval's
-    results dict of the task, "config": the task config lm-eval ran, "n": samples}}."""
+    results dict of the task, "config": the task config lm-eval ran, "n": samples}}; None in a process whose
+    LOCAL_RANK is not 0 (lm-eval returns results there only)."""
     import lm_eval
 
     names = [b.name for b in benchmarks]
@@ -124,6 +125,8 @@ def run_lm_eval(
                 log_samples=False,
                 verbosity="ERROR",
             )
+        if result is None:  # lm-eval reports on LOCAL_RANK 0 only; another process of a run gets its results later
+            return None
         for b in group:
             results = result["results"][b.task]
             if b.metric not in results:

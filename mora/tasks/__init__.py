@@ -35,8 +35,10 @@ class Task(Protocol):
 
     def collate(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]: ...
 
-    def evaluate(self, model: torch.nn.Module, batch_size: int) -> dict[str, Any]:
-        """Headline metrics (floats, logged as eval/*); an optional "details" entry (JSON) is stored, not logged."""
+    def evaluate(self, model: torch.nn.Module, batch_size: int) -> dict[str, Any] | None:
+        """Headline metrics (floats, logged as eval/*); an optional "details" entry (JSON) is stored, not logged.
+        Every process of a run calls it (ZeRO-3 needs them all for a forward); a process may return None, and the
+        engine takes process 0's result."""
         ...
 
 

@@ -35,7 +35,7 @@ class TextTask:
     def collate(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         return collate(examples, self.tokenizer.pad_token_id)
 
-    def evaluate(self, model: torch.nn.Module, batch_size: int) -> dict[str, Any]:
+    def evaluate(self, model: torch.nn.Module, batch_size: int) -> dict[str, Any] | None:
         from mora.evaluation.columns import evaluate_columns
 
         e = self.eval_cfg

@@ -381,7 +381,10 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:.0f}")
         bar.update(1)
         if done in eval_steps:
-            metrics = task.evaluate(accelerator.unwrap_model(model), t.eval_batch)
+            metrics = [task.evaluate(accelerator.unwrap_model(model), t.eval_batch)]
+            if world > 1:  # every process evaluated; lm-eval reports on LOCAL_RANK 0 only: process 0's result counts
+                broadcast_object_list(metrics, from_process=0)
+            metrics = metrics[0]
             details = metrics.pop("details", None)
             record = {"step": done, **{f"eval/{k}": v for k, v in metrics.items()}, "train/loss": loss_value}
             history.append(record)
