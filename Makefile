@@ -11,11 +11,10 @@ CELLS ?=
 SET ?=
 LAUNCHER ?=
 NPROC ?=
-NNODES ?= 1
 DRY_RUN ?=
 # the one table runner (experiments/reproduce.py); SEED/SEEDS, TASKS, CELLS, SET (Hydra overrides for every run),
-# LAUNCHER, NPROC, NNODES and DRY_RUN=1 reach it
-REPRODUCE_ARGS = --profile $(PROFILE) --nnodes $(NNODES) $(if $(NPROC),--nproc $(NPROC)) \
+# LAUNCHER, NPROC and DRY_RUN=1 reach it
+REPRODUCE_ARGS = --profile $(PROFILE) $(if $(NPROC),--nproc $(NPROC)) \
 	$(if $(TASKS),--tasks $(TASKS)) $(if $(CELLS),--cells $(CELLS)) $(if $(SET),--set $(SET)) $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(DRY_RUN),--dry-run)
 
 export HF_HUB_OFFLINE ?= 1

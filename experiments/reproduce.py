@@ -10,7 +10,7 @@ other settings, every combination of which is run and the best reported) and an 
 first (`base.<profile>`); `--set` adds Hydra overrides to every run. Every cell x task x learning rate x search
 point x seed is one run folder under runs/<table>/<profile>/[<task>/]; finished runs are skipped, unfinished ones
 resume, and a finished run of another config stops the command. The runs go in this process (the CPU profile,
-`--jobs` side by side) or each through `python -m mora.launch` with `--launcher` / `--nproc` / `--nnodes` (GPUs);
+`--jobs` side by side) or each through `python -m mora.launch` with `--launcher` / `--nproc` (one node of GPUs);
 `--dry-run` prints the command of every run instead. Then the table's reporter (`mora.reporting.<table.layout>`)
 writes results/<table>/.
 """
@@ -131,26 +131,34 @@ def runs(
     return out, base
 
 
-def finished(run: Run) -> bool:
-    """True when the folder holds a finished run of exactly this config; a finished run of another config (the
-    profile or grid changed since) stops the command rather than entering the table."""
+def launch_overrides(run: Run, launcher: str, nproc: int) -> list[str]:
+    """The launcher group a run gets outside this process (part of its config, hence of its hash)."""
+    if launcher in (IN_PROCESS, "local"):
+        return []
+    return [f"launcher={run.launcher or launcher}", f"launcher.num_processes={nproc}"]
+
+
+def finished(run: Run, launch: list[str] | None = None) -> bool:
+    """True when the folder holds a finished run of exactly this config (`launch`: its launcher overrides); a
+    finished run of another config (the profile or grid changed since) stops the command rather than entering
+    the table."""
     summary = run.folder / "summary.json"
     if not (summary.exists() and json.loads(summary.read_text()).get("status") == "finished"):
         return False
-    if config_hash(OmegaConf.load(run.folder / "config.yaml")) != config_hash(compose_cfg(run.overrides)):
+    if config_hash(OmegaConf.load(run.folder / "config.yaml")) != config_hash(
+        compose_cfg([*(launch or []), *run.overrides])
+    ):
         raise SystemExit(
             f"error: {run.folder} holds a finished run of a different config; delete it or pass --runs elsewhere"
         )
     return True
 
 
-def command(run: Run, launcher: str, nproc: int, nnodes: int) -> list[str]:
+def command(run: Run, launcher: str, nproc: int) -> list[str]:
     """The command line of one run outside this process."""
     if launcher in (IN_PROCESS, "local"):
         return [sys.executable, "-m", "mora.train", *run.overrides]
-    launcher = run.launcher or launcher
-    launch = [f"launcher={launcher}", f"launcher.num_processes={nproc}", f"launcher.num_machines={nnodes}"]
-    return [sys.executable, "-m", "mora.launch", *launch, *run.overrides]
+    return [sys.executable, "-m", "mora.launch", *launch_overrides(run, launcher, nproc), *run.overrides]
 
 
 def run_in_process(overrides: list[str], threads: int) -> str:
@@ -163,7 +171,7 @@ def run_in_process(overrides: list[str], threads: int) -> str:
     return f"{summary['method']} lr={summary['lr']} seed={summary['seed']}: {summary['status']} ({summary['wall_s']} s)"
 
 
-def execute(todo: list[Run], launcher: str, nproc: int, nnodes: int, jobs: int) -> None:
+def execute(todo: list[Run], launcher: str, nproc: int, jobs: int) -> None:
     if launcher == IN_PROCESS:
         threads = max(1, (os.cpu_count() or 2) // jobs)
         if jobs == 1:
@@ -175,7 +183,7 @@ def execute(todo: list[Run], launcher: str, nproc: int, nnodes: int, jobs: int) 
                 print(line, flush=True)
         return
     for run in todo:
-        cmd = command(run, launcher, nproc, nnodes)
+        cmd = command(run, launcher, nproc)
         print(f"{run.folder}: {shlex.join(cmd[1:])}", flush=True)
         result = subprocess.run(cmd, cwd=REPO_ROOT)
         if result.returncode:
@@ -191,7 +199,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cells", nargs="+", help="run only these cells (rows), e.g. lora-r8 mora-r8")
     parser.add_argument("--launcher", choices=LAUNCHERS, help="default: in-process on tiny, deepspeed_zero2 on paper")
     parser.add_argument("--nproc", type=int, help="processes per node (default: every visible GPU, or 8)")
-    parser.add_argument("--nnodes", type=int, default=1, help="nodes for mora.launch (run the command on each)")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (in-process only)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="Hydra overrides for every run")
     parser.add_argument("--runs", type=Path, help="default: runs/<table>/<profile>")
@@ -202,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         args.nproc = torch.cuda.device_count() or 8
-    for name in ("jobs", "nproc", "nnodes"):
+    for name in ("jobs", "nproc"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     try:
@@ -225,14 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     todo, base = runs(args.table, args.profile, args.seeds, tasks, root, args.cells, args.set)
     if args.dry_run:
         for run in ([base] if base else []) + todo:
-            print(shlex.join(command(run, launcher, args.nproc, args.nnodes)))
+            print(shlex.join(command(run, launcher, args.nproc)))
         return 0
-    if base is not None and not finished(base):
+    if base is not None and not finished(base, launch_overrides(base, launcher, args.nproc)):
         print(f"{args.table} ({args.profile}): training the base model in {base.folder}", flush=True)
-        execute([base], launcher, args.nproc, args.nnodes, jobs=1)
-    todo = [r for r in todo if not finished(r)]
+        execute([base], launcher, args.nproc, jobs=1)
+    todo = [r for r in todo if not finished(r, launch_overrides(r, launcher, args.nproc))]
     print(f"{args.table} ({args.profile}): {len(todo)} runs to do in {root}", flush=True)
-    execute(todo, launcher, args.nproc, args.nnodes, args.jobs)
+    execute(todo, launcher, args.nproc, args.jobs)
     reporter = importlib.import_module(f"mora.reporting.{spec['table']['layout']}")
     out = args.out or REPO_ROOT / "results" / args.table
     paths = reporter.write_results(root, out, args.profile, spec["cells"], table_tasks)  # every task run so far

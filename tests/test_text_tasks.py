@@ -67,8 +67,14 @@ def test_tulu_trains_on_the_assistant_turns_only():
     rows = _rows("tulu_v2")
     assert len(task) == len(rows)
     for row, ex in zip(rows, task.dataset, strict=True):
-        assistant = "".join(m["content"].strip() + tok.eos_token for m in row["messages"] if m["role"] == "assistant")
+        messages = row["messages"]
+        assistant = "".join(  # open-instruct trains the newline after a turn's eos too, unless the turn is last
+            m["content"].strip() + tok.eos_token + ("\n" if i + 1 < len(messages) else "")
+            for i, m in enumerate(messages)
+            if m["role"] == "assistant"
+        )
         assert _trained(tok, ex["input_ids"], ex["labels"]) == assistant
+        assert tok.eos_token_id in ex["input_ids"]  # eos in the text is the eos token, not its characters
         text = tok.decode(ex["input_ids"][1:])
         for m in row["messages"]:
             assert f"<|{m['role']}|>\n{m['content'].strip()}" in text
@@ -81,7 +87,8 @@ def test_continual_pretraining_packs_full_blocks_of_every_token(name):
     cfg = _task_cfg(name, "profile=tiny", "task.block_size=32")
     tok = task_tokenizer(cfg)
     task = build_task(cfg, tok)
-    stream = [t for row in _rows(name) for t in [tok.bos_token_id, *tok(row["text"]).input_ids, tok.eos_token_id]]
+    ids = [tok(row["text"], add_special_tokens=False).input_ids for row in _rows(name)]
+    stream = [t for doc in ids for t in [tok.bos_token_id, *doc, tok.eos_token_id]]
     assert len(task) == len(stream) // 32
     for i, ex in enumerate(task.dataset):
         assert ex["input_ids"] == ex["labels"] == stream[i * 32 : (i + 1) * 32]
@@ -133,6 +140,7 @@ def test_recipes_and_the_fixture_tokenizer():
     assert a.get_vocab() == b.get_vocab() and len(a) > 1000  # trained, deterministic
     text = _rows("metamath")[0]["response"]
     assert a.decode(a(text, add_special_tokens=False).input_ids) == text  # byte-level: lossless
+    assert a(text).input_ids[0] == a.bos_token_id  # <s> first when special tokens are asked for (lm-eval does)
 
 
 def test_missing_evaluation_sets_offline_stop_before_training(monkeypatch, tmp_path):

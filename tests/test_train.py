@@ -185,3 +185,8 @@ def test_table_runner_refuses_a_finished_run_of_another_config(tmp_path):
     assert finished(Run("uuid", "lora", 1e-3, 0, tmp_path / "run", overrides))
     with pytest.raises(SystemExit, match="holds a finished run of a different config"):
         finished(Run("uuid", "lora", 1e-3, 0, tmp_path / "run", [*overrides, "task.n_pairs=24"]))
+    # a run made through mora.launch records its launcher: the same launcher overrides find it finished
+    launch = ["launcher=ddp", "launcher.num_processes=2"]
+    launched = smoke_overrides("lora", "uuid", 2, tmp_path / "launched")
+    run(_compose(*launch, *launched))
+    assert finished(Run("uuid", "lora", 1e-3, 0, tmp_path / "launched", launched), launch)

@@ -33,8 +33,14 @@ class TokenCountingLM(HFLM):
 
 
 def wrap(model: torch.nn.Module, tokenizer: Any, batch_size: int, max_length: int | None = None) -> HFLM:
-    """The lm-eval model object of an in-memory model (a PeftModel works: merged or not)."""
+    """The lm-eval model object of an in-memory model (a PeftModel works: merged or not). Every context starts with
+    <s>, as every training example does (lm-eval leaves it out of causal models unless asked)."""
     device = next(model.parameters()).device
     return TokenCountingLM(
-        pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device), max_length=max_length
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        device=str(device),
+        max_length=max_length,
+        add_bos_token=True,
     )

@@ -69,7 +69,8 @@ PAPER_PARTS = {
         ("MoRA", 256): (47.7, 76.3, 83.4, 68.0, 68.1, 68.7),
     },
 }
-CSV_COLUMNS = ("source", "method", "rank", "column", "score", "seed")
+# rank: the paper's rank of the cell (ours too, so that paper and ours line up); our_rank: the r a run of ours used
+CSV_COLUMNS = ("source", "method", "rank", "column", "score", "seed", "our_rank")
 
 
 def task_columns(task: str) -> list[str]:
@@ -172,20 +173,21 @@ def write_csv(path: Path, chosen: dict[str, dict[str, list]], cells: list[dict])
         for (label, rank), scores in PAPER_TABLE1.items():
             for (_, title, _), score in zip(COLUMNS, scores, strict=True):
                 if score is not None:
-                    writer.writerow(["paper", label, rank or "-", title, score, ""])
+                    writer.writerow(["paper", label, rank or "-", title, score, "", ""])
         for domain, rows in PAPER_PARTS.items():
             for (label, rank), scores in rows.items():
                 for (_, header), score in zip(PARTS[domain], scores, strict=False):
-                    writer.writerow(["paper", label, rank or "-", header, score, ""])
+                    writer.writerow(["paper", label, rank or "-", header, score, "", ""])
         for cell in cells:
             for column, title, task in COLUMNS:
                 for run in sorted(chosen.get(task, {}).get(cell["name"], []), key=lambda r: r["summary"]["seed"]):
                     s = run["summary"]
-                    rank = s["rank"] if s["rank"] is not None else "-"
-                    writer.writerow(["ours", cell["label"], rank, title, round(_scores(run)[column], 2), s["seed"]])
+                    ours = (s["seed"], s["rank"] if s["rank"] is not None else "-")
+                    rank = cell.get("paper_rank") or "-"
+                    writer.writerow(["ours", cell["label"], rank, title, round(_scores(run)[column], 2), *ours])
                     for part, header in PARTS.get(column, ()):
                         score = round(_scores(run)[f"{column}/{part}"], 2)
-                        writer.writerow(["ours", cell["label"], rank, header, score, s["seed"]])
+                        writer.writerow(["ours", cell["label"], rank, header, score, *ours])
 
 
 def plot_losses(path: Path, task: str, chosen: dict[str, list], cells: list[dict], profile: str) -> None:
@@ -213,8 +215,8 @@ def plot_losses(path: Path, task: str, chosen: dict[str, list], cells: list[dict
 
 
 def write_results(root: Path, out: Path, profile: str, cells: list[dict[str, Any]], tasks: list[str]) -> list[Path]:
-    """Collect the finished runs under root/<task>/ and write the tables, the CSV, the plots and the chosen runs'
-    records under out/runs/<profile>/<task>/ (tasks not run yet show "–")."""
+    """Collect the finished runs under root/<task>/ and write the tables, the CSV, the plots and every finished
+    run's records under out/runs/<profile>/<task>/ (tasks not run yet show "–")."""
     chosen: dict[str, dict[str, list]] = {}
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if profile == "tiny" else f"_{profile}"

@@ -122,7 +122,8 @@ def load_source(source: Mapping[str, Any], what: str):
 
 def source_fingerprint(source: Mapping[str, Any], raw: Any) -> str:
     """What identifies the raw data: the bytes of local files; for a hub dataset, the fingerprint `datasets` gives
-    the cached copy (it changes with the revision)."""
+    a loaded split: a hash of its relative cache folder name/config/version/<hash of the revision's data files>
+    and the split, the same on every machine that cached the same revision."""
     h = hashlib.sha256()
     if source.get("path") in LOCAL_BUILDERS:
         for path in sorted(_files(_resolve(source.get("data_files")))):

@@ -2,9 +2,10 @@
 §2.4, their `training_utils.py`): the first line of `query` is the instruction, the rest the input; the target is
 `response + eos`; prompt tokens carry no loss; sequences are cut at `max_length` (512) tokens.
 
-Prompt and response are tokenised separately and concatenated (the authors tokenise the whole text and mask the
-prompt's length, which can differ by a merge at the boundary). An example whose response is cut away entirely is
-dropped (it would carry no loss). `max_examples` keeps the authors' cap (1,000,000; MetaMathQA has 395k).
+As the authors: the whole text (prompt + response) is tokenised once and the first len(tokens of the prompt)
+positions are masked (a SentencePiece tokenizer would give a separately tokenised response a leading "▁"), then
+eos is appended. An example whose response is cut away entirely is dropped (it would carry no loss).
+`max_examples` keeps the authors' cap (1,000,000; MetaMathQA has 395k).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from mora.tasks.tokenizer import fixture_bpe
 
 
 def encode(tokenizer: Any, query: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
-    prompt = [tokenizer.bos_token_id, *tokenizer(alpaca_prompt(query), add_special_tokens=False).input_ids]
-    target = [*tokenizer(response, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
-    ids = (prompt + target)[:max_length]
-    labels = ([IGNORE] * len(prompt) + target)[:max_length]
+    prompt = alpaca_prompt(query)
+    n_prompt = 1 + len(tokenizer(prompt, add_special_tokens=False).input_ids)  # with <s>
+    ids = [tokenizer.bos_token_id, *tokenizer(prompt + response, add_special_tokens=False).input_ids]
+    ids = [*ids, tokenizer.eos_token_id][:max_length]
+    labels = [IGNORE] * min(n_prompt, len(ids)) + ids[n_prompt:]
     return ids, labels
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from mora.paths import REPO_ROOT
@@ -39,7 +39,8 @@ def fixture_texts() -> list[str]:
 
 @lru_cache(maxsize=4)
 def fixture_bpe(vocab_size: int = 2048) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (no unknown bytes) with <pad>, <s>, </s>, <unk>; the same texts give the same tokenizer."""
+    """Byte-level BPE (no unknown bytes) with <pad>, <s>, </s>, <unk>, prepending <s> when asked for special tokens
+    (as LLaMA's tokenizer does); the same texts give the same tokenizer."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -50,6 +51,8 @@ def fixture_bpe(vocab_size: int = 2048) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tok.train_from_iterator(fixture_texts(), trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])  # as LLaMA's
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )

@@ -1,11 +1,10 @@
-"""Tülu v2 (Table 1, MMLU columns): `allenai/tulu-v2-sft-mixture` in open-instruct's message format (PAPER.md §2.4):
-each turn is `<|system|>\n`, `<|user|>\n` or `<|assistant|>\n` followed by its stripped content and a newline, an
-assistant turn ending in eos; the loss is on the assistant turns' content and their eos only; sequences are cut at
-`max_length` tokens (2048, `train.py`'s cutoff_len default: the authors' own value is not published).
-
-Each piece is tokenised on its own and the pieces concatenated (open-instruct tokenises the whole text and masks by
-prefix lengths, which can differ by a merge at a boundary, and also trains the newline after an assistant's eos).
-A conversation with no assistant token left after the cut is dropped, as open-instruct does.
+"""Tülu v2 (Table 1, MMLU columns): `allenai/tulu-v2-sft-mixture` in open-instruct's message format (PAPER.md §2.4,
+its `encode_with_messages_format`): each turn is `<|system|>\n`, `<|user|>\n` or `<|assistant|>\n`, its stripped
+content and a newline, an assistant's content followed by eos; the text is stripped, tokenised once, and every
+token outside the assistant turns carries no loss (each turn's bounds are the token counts of the text up to it, as
+open-instruct computes them, so a merge across a boundary can shift a bound by one token). Sequences are cut at
+`max_length` tokens (2048, `train.py`'s cutoff_len default: the authors' own value is not published); a
+conversation with no assistant token left is dropped, as open-instruct does.
 """
 
 from __future__ import annotations
@@ -20,26 +19,36 @@ from mora.tasks.tokenizer import fixture_bpe
 ROLES = ("system", "user", "assistant")
 
 
-def encode(tokenizer: Any, messages: list[dict[str, str]], max_length: int) -> tuple[list[int], list[int]]:
-    def tok(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False).input_ids
-
-    ids, labels = [tokenizer.bos_token_id], [IGNORE]
-    for i, message in enumerate(messages):
+def concat(messages: list[dict[str, str]], eos: str) -> str:
+    """open-instruct's text of a conversation (before the final strip)."""
+    text = ""
+    for message in messages:
         role, content = message["role"], message["content"].strip()
         if role not in ROLES:
             raise ValueError(f"tulu_v2: unknown message role {role!r}; open-instruct's format has {ROLES}")
-        last = i == len(messages) - 1
-        if role == "assistant":
-            head, body = tok("<|assistant|>\n"), [*tok(content), tokenizer.eos_token_id]
-            tail = [] if last else tok("\n")
-            ids += head + body + tail
-            labels += [IGNORE] * len(head) + body + [IGNORE] * len(tail)
-        else:
-            piece = tok(f"<|{role}|>\n{content}" + ("" if last else "\n"))
-            ids += piece
-            labels += [IGNORE] * len(piece)
-    return ids[:max_length], labels[:max_length]
+        text += f"<|{role}|>\n{content}" + (eos if role == "assistant" else "") + "\n"
+    return text
+
+
+def encode(tokenizer: Any, messages: list[dict[str, str]], max_length: int) -> tuple[list[int], list[int]]:
+    def length(text: str) -> int:  # tokens of a prefix, with <s>
+        return 1 + len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    eos = tokenizer.eos_token
+    ids = [tokenizer.bos_token_id, *tokenizer(concat(messages, eos).strip(), add_special_tokens=False).input_ids]
+    ids = ids[:max_length]
+    labels = list(ids)
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            continue
+        start = 0 if i == 0 else length(concat(messages[:i], eos))
+        head = concat(messages[: i + 1], eos)
+        if i + 1 < len(messages) and messages[i + 1]["role"] == "assistant":
+            head += "<|assistant|>\n"  # the next turn's marker carries no loss either
+        end = length(head)
+        labels[start:end] = [IGNORE] * len(labels[start:end])
+    labels[0] = IGNORE  # <s>
+    return ids, labels
 
 
 def build(cfg: Mapping[str, Any], tokenizer: Any) -> TextTask:

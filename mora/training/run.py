@@ -299,7 +299,8 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
     t = cfg.train
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
-    task: Task = build_task(cfg.task, tokenizer)
+    with accelerator.main_process_first():  # process 0 tokenises and caches the data; the others then read it
+        task: Task = build_task(cfg.task, tokenizer)
     steps = total_steps(t, len(task))
     check_eval_steps(t.eval_steps, steps)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
@@ -333,7 +334,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
     elif accelerator.is_main_process:
         (out / "metrics.jsonl").unlink(missing_ok=True)
 
-    eval_steps = set(t.eval_steps) | {steps}  # the trained model is always evaluated
+    eval_steps = set(t.eval_steps or [steps])  # none named: the trained model
     evaluation: dict[str, Any] = {}
     batches = task.batches(start, t.global_batch, cfg.seed)
     loss_value = math.nan

@@ -127,3 +127,32 @@ def test_merged_and_unmerged_mora_score_the_same():
     assert {k: v for k, v in unmerged.items() if k != "details"} == pytest.approx(
         {k: v for k, v in merged.items() if k != "details"}, abs=1e-9
     )
+
+
+@pytest.mark.slow
+def test_token_counts_reach_adaptllms_scoring_through_lm_eval(monkeypatch):
+    """With a real model behind our wrapper, every option's result reaches the task's process_results carrying the
+    number of tokens it scored, so AdaptLLM's per-token rule (not the per-character fallback) decides."""
+    from lm_eval.api.task import ConfigurableTask
+
+    seen = []
+    process_results = ConfigurableTask.process_results
+
+    def record(self, doc, results):
+        seen.append([getattr(r, "num_tokens", None) for r in results])
+        return process_results(self, doc, results)
+
+    monkeypatch.setattr(ConfigurableTask, "process_results", record)
+    tok = fixture_bpe()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=1024,
+    )  # fmt: skip
+    scores = evaluate_columns(
+        LlamaForCausalLM(config), tok, ["finance"], source="fixture", limit=3, gen_kwargs={"max_gen_toks": 4}
+    )
+    assert 0 <= scores["finance"] <= 100
+    classification = [counts for counts in seen if counts and counts[0] is not None]
+    assert len(classification) == 3 * 3  # FiQA SA, Headline, FPB: 3 documents each
+    assert all(n >= 1 for counts in classification for n in counts)
