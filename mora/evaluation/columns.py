@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from mora.evaluation import benchmarks as b
-from mora.evaluation.harness import FIXTURES_DIR, Benchmark, hub_dataset, lm_eval_tasks_dir, run_lm_eval
+from mora.evaluation.harness import Benchmark, has_fixture, hub_dataset, lm_eval_tasks_dir, run_lm_eval
 
 BIOMMLU_SUBJECTS = (
     "anatomy",
@@ -129,7 +129,7 @@ def score_columns(
     chosen = [known[n] for n in names]
     skipped = []
     if source == "fixture":
-        skipped = [b.name for c in chosen for p in c.parts for b in p.benchmarks if not has_fixture(b)]
+        skipped = [b.name for c in chosen for p in c.parts for b in p.benchmarks if not has_fixture(b.fixture_name)]
     benchmarks = [b for c in chosen for p in c.parts for b in p.benchmarks if b.name not in skipped]
     results = run_lm_eval(lm, benchmarks, source=source, limit=limit, gen_kwargs=gen_kwargs)
     if results is None:
@@ -175,7 +175,3 @@ def require_cached(names: Sequence[str]) -> None:
                 f"evaluation dataset {path!r} ({name}) is not in the local Hugging Face cache and this machine is "
                 "offline: on a networked machine run `make prefetch PROFILE=paper`, or set task.eval.source=fixture"
             ) from None
-
-
-def has_fixture(benchmark: Benchmark) -> bool:
-    return any((FIXTURES_DIR / benchmark.fixture_name).glob("*.jsonl"))

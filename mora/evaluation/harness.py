@@ -50,6 +50,10 @@ class Benchmark:
         return TASKS_DIR / self.yaml
 
 
+def has_fixture(name: str) -> bool:
+    return any((FIXTURES_DIR / name).glob("*.jsonl"))
+
+
 def fixture_files(name: str) -> dict[str, Path]:
     """The local splits of a benchmark's fixture: {split: file}."""
     folder = FIXTURES_DIR / name

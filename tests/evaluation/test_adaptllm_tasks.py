@@ -5,7 +5,6 @@ ConvFinQA by hand (worked out in the comments)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections import defaultdict
 
@@ -14,7 +13,8 @@ from lm_eval.api.model import LM
 from sklearn.metrics import f1_score
 
 from mora.evaluation import benchmarks
-from mora.evaluation.harness import FIXTURES_DIR, TASKS_DIR, fixture_files, overlay_yaml, run_lm_eval
+from mora.evaluation.harness import fixture_files, overlay_yaml, run_lm_eval
+from tests.evaluation.common import fixture_rows, task_utils
 
 BENCHMARKS = {
     b.name: b
@@ -41,22 +41,11 @@ HUB = {  # benchmark: (dataset_path, dataset_name)
 }
 
 
-def load_utils():
-    spec = importlib.util.spec_from_file_location("mora_adaptllm_task_utils", TASKS_DIR / "adaptllm" / "utils.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-utils = load_utils()
-
-
-def rows(name: str) -> list[dict]:
-    return [json.loads(line) for line in (FIXTURES_DIR / name / "test.jsonl").read_text().splitlines()]
+utils = task_utils("adaptllm")
 
 
 def golds(name: str) -> list[int]:
-    return [r["gold_index"] for r in rows(name)]
+    return [r["gold_index"] for r in fixture_rows(name)]
 
 
 class Scored(tuple):
@@ -98,7 +87,7 @@ class ScriptedLM(LM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        raise NotImplementedError
+        raise NotImplementedError("no AdaptLLM task scores whole documents")
 
 
 # --- scripted predictions (option indices) for the classification tasks
@@ -181,7 +170,7 @@ def test_functions_resolve_through_an_overlay_in_another_folder(tmp_path):
 
 def test_fixtures_follow_the_hub_schema():
     for name in BENCHMARKS:
-        data = rows(name)
+        data = fixture_rows(name)
         assert 8 <= len(data) <= 20
         for i, row in enumerate(data):
             assert row["id"] == i and isinstance(row["input"], str) and row["input"].strip()
@@ -191,17 +180,17 @@ def test_fixtures_follow_the_hub_schema():
                 extra = {"class_id"} if name == "headline" else set()
                 assert set(row) == {"id", "input", "options", "gold_index"} | extra
                 assert 0 <= row["gold_index"] < len(row["options"])
-    assert sorted({r["class_id"] for r in rows("headline")}) == list(range(9))
+    assert sorted({r["class_id"] for r in fixture_rows("headline")}) == list(range(9))
 
 
 def test_prompts_are_the_input_field_and_options_follow_a_space(scripted_run):
     lm, _ = scripted_run
     for name in ("pubmedqa", "rct", "headline"):
-        data = rows(name)
+        data = fixture_rows(name)
         expected = [(r["input"], " " + o) for r in data for o in r["options"]]
         assert sorted(lm.contexts[BENCHMARKS[name].task]) == sorted(expected)
     (context, gen_kwargs), *_ = lm.contexts["adaptllm_ner"]
-    assert context == rows("ner")[0]["input"]
+    assert context == fixture_rows("ner")[0]["input"]
     kwargs = json.loads(gen_kwargs)
     assert kwargs["until"] == ["\n"] and kwargs["do_sample"] is False and kwargs["max_gen_toks"] == 100
 
@@ -234,7 +223,7 @@ def test_fpb_and_fiqa_weighted_f1(scripted_run):
 def test_headline_averages_weighted_f1_over_its_nine_questions(scripted_run):
     _, out = scripted_run
     by_question = defaultdict(lambda: ([], []))
-    for row, pred in zip(rows("headline"), CHOICES["adaptllm_headline"], strict=True):
+    for row, pred in zip(fixture_rows("headline"), CHOICES["adaptllm_headline"], strict=True):
         by_question[row["class_id"]][0].append(row["gold_index"])
         by_question[row["class_id"]][1].append(pred)
     expected = 100 * sum(f1_score(g, p, average="weighted") for g, p in by_question.values()) / 9

@@ -3,7 +3,6 @@ columns aggregate, and merged vs unmerged adapters scoring the same on the in-me
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 
 import pytest
@@ -17,13 +16,9 @@ from mora.evaluation.columns import BIOMMLU_SUBJECTS, columns, evaluate_columns,
 from mora.evaluation.harness import FIXTURES_DIR
 from mora.evaluation.lm import LoglikelihoodResult
 from mora.tasks.tokenizer import fixture_bpe
+from tests.evaluation.common import fixture_rows
 
 FIXTURE_SUBJECTS = sorted(p.name.removeprefix("mmlu_") for p in FIXTURES_DIR.glob("mmlu_*"))
-
-
-def _mmlu_rows(subject: str) -> list[dict]:
-    path = FIXTURES_DIR / f"mmlu_{subject}" / "test.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 class AlwaysLetter(LM):
@@ -42,15 +37,15 @@ class AlwaysLetter(LM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        raise NotImplementedError
+        raise NotImplementedError("MMLU asks for loglikelihoods only")
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        raise NotImplementedError
+        raise NotImplementedError("MMLU asks for loglikelihoods only")
 
 
 def test_mmlu_columns_score_a_model_whose_answers_are_known():
     scores = score_columns(AlwaysLetter("A"), ["mmlu_0", "mmlu_5"], source="fixture")
-    rows = [r for s in FIXTURE_SUBJECTS for r in _mmlu_rows(s)]
+    rows = [r for s in FIXTURE_SUBJECTS for r in fixture_rows(f"mmlu_{s}")]
     expected = 100 * sum(r["answer"] == 0 for r in rows) / len(rows)  # pooled over subjects (weighted by size)
     assert 0 < expected < 100
     assert scores["mmlu_0"] == pytest.approx(expected) and scores["mmlu_5"] == pytest.approx(expected)
@@ -87,7 +82,7 @@ def test_a_column_is_the_mean_of_its_parts(monkeypatch):
 
     fake = {"pubmedqa": (80.0, 10), "usmle": (40.0, 4), "rct": (20.0, 50)}
     fake |= {f"biommlu_{s}_5shot": (60.0 if i % 2 else 30.0, 2 + i) for i, s in enumerate(BIOMMLU_SUBJECTS)}
-    monkeypatch.setattr(c, "has_fixture", lambda b: True)
+    monkeypatch.setattr(c, "has_fixture", lambda name: True)
     monkeypatch.setattr(
         c, "run_lm_eval", lambda lm, bs, **_: {b.name: dict(zip(("score", "n"), fake[b.name], strict=True)) for b in bs}
     )
@@ -104,16 +99,20 @@ def test_loglikelihood_results_carry_their_token_counts():
     assert (ll, greedy, result.num_tokens) == (-3.5, False, 7)
 
 
+def _tiny_llama(vocab_size: int, layers: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        max_position_embeddings=1024,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
 @pytest.mark.slow
 def test_merged_and_unmerged_mora_score_the_same():
     tok = fixture_bpe()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=1024,
-    )  # fmt: skip
     model = get_peft_model(
-        LlamaForCausalLM(config),
+        _tiny_llama(len(tok), layers=2),
         mora.MoraConfig(r=2, compression="rope", target_modules=["q_proj", "v_proj", "down_proj"]),
     )
     with torch.no_grad():
@@ -144,13 +143,8 @@ def test_token_counts_reach_adaptllms_scoring_through_lm_eval(monkeypatch):
 
     monkeypatch.setattr(ConfigurableTask, "process_results", record)
     tok = fixture_bpe()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=1024,
-    )  # fmt: skip
     scores = evaluate_columns(
-        LlamaForCausalLM(config), tok, ["finance"], source="fixture", limit=3, gen_kwargs={"max_gen_toks": 4}
+        _tiny_llama(len(tok), layers=1), tok, ["finance"], source="fixture", limit=3, gen_kwargs={"max_gen_toks": 4}
     )
     assert 0 <= scores["finance"] <= 100
     classification = [counts for counts in seen if counts and counts[0] is not None]

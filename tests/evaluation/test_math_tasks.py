@@ -3,30 +3,16 @@ a stub model whose generations are scripted per document; the expected scores we
 
 from __future__ import annotations
 
-import importlib.util
-import json
-
 import pytest
 import yaml
 from lm_eval.api.model import LM
 
 from mora.evaluation.benchmarks import GSM8K, MATH
-from mora.evaluation.harness import FIXTURES_DIR, TASKS_DIR, run_lm_eval
+from mora.evaluation.harness import TASKS_DIR, run_lm_eval
 from mora.tasks.prompts import alpaca_prompt
+from tests.evaluation.common import fixture_rows, task_utils
 
-
-def load_utils():
-    spec = importlib.util.spec_from_file_location("mora_math_task_utils", TASKS_DIR / "math" / "utils.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-utils = load_utils()
-
-
-def fixture_rows(name: str) -> list[dict]:
-    return [json.loads(line) for line in (FIXTURES_DIR / name / "test.jsonl").read_text().splitlines()]
+utils = task_utils("math")
 
 
 class ScriptedLM(LM):
@@ -46,10 +32,10 @@ class ScriptedLM(LM):
         return out
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        raise NotImplementedError
+        raise NotImplementedError("GSM8K and MATH only generate")
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        raise NotImplementedError
+        raise NotImplementedError("GSM8K and MATH only generate")
 
 
 # GSM8K, one completion per fixture row (gold in the comment). exact_match: 7/10; metamath_acc: 6/10.
