@@ -23,7 +23,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-fast lint reproduce-table1 reproduce-table2 smoke prefetch bench inspect clean
+.PHONY: help install test test-fast lint reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 smoke prefetch bench inspect clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-20s %s\n", $$1, $$2}'
@@ -53,11 +53,17 @@ reproduce-table1: $(STAMP) ## Tables 1, 6, 7: PROFILE=tiny|paper, SEEDS="0 1 2",
 reproduce-table2: $(STAMP) ## Table 2 (UUID memorization): PROFILE=tiny|paper, SEEDS="0 1 2" or SEED=0 -> results/table2/
 	$(PY) experiments/reproduce.py table2 $(REPRODUCE_ARGS) --seeds $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),0 1 2))
 
+reproduce-table3: $(STAMP) ## Table 3, Figs. 4-5 (C4 pretraining from scratch): PROFILE=tiny|paper, SEEDS="0 1 2" -> results/table3/
+	$(PY) experiments/reproduce.py table3 $(REPRODUCE_ARGS) --seeds $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),0 1 2))
+
+reproduce-table4: $(STAMP) ## Table 4 (MoRA's operators at two ranks): PROFILE=tiny|paper, SEEDS="0 1 2" -> results/table4/
+	$(PY) experiments/reproduce.py table4 $(REPRODUCE_ARGS) --seeds $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),0 1 2))
+
 smoke: $(STAMP) ## every adapter on every task for a few steps (tiny profile); checks each run folder
 	$(PY) scripts/smoke.py
 
-prefetch: $(STAMP) ## on a networked machine: the models, training data and evaluation sets of PROFILE=paper
-	HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 TRANSFORMERS_OFFLINE=0 $(PY) scripts/prefetch.py --profile $(if $(filter tiny,$(PROFILE)),paper,$(PROFILE))
+prefetch: $(STAMP) ## on a networked machine: the models, training data and evaluation sets of PROFILE=paper (TASKS=)
+	HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 TRANSFORMERS_OFFLINE=0 $(PY) scripts/prefetch.py --profile $(if $(filter tiny,$(PROFILE)),paper,$(PROFILE)) $(if $(TASKS),--tasks $(TASKS))
 
 bench: $(STAMP) ## speed and memory benchmarks -> results/bench/ (about 65 min on 2 CPU cores)
 	$(PY) bench/layer.py --repeats 5

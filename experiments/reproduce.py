@@ -4,15 +4,15 @@
     python experiments/reproduce.py table1 --profile tiny --tasks metamath --seeds 0
     python experiments/reproduce.py table1 --profile paper --launcher deepspeed_zero2 --nproc 8 --dry-run
 
-The experiment config names the table's tasks (`table.tasks`), its cells per profile (`grid.<profile>`: an adapter
-with its settings and fixed `overrides`, a learning-rate grid, optionally per task, and an optional `search` over
-other settings, every combination of which is run and the best reported) and an optional base model to train
-first (`base.<profile>`); `--set` adds Hydra overrides to every run. Every cell x task x learning rate x search
-point x seed is one run folder under runs/<table>/<profile>/[<task>/]; finished runs are skipped, unfinished ones
-resume, and a finished run of another config stops the command. The runs go in this process (the CPU profile,
-`--jobs` side by side) or each through `python -m mora.launch` with `--launcher` / `--nproc` (one node of GPUs);
-`--dry-run` prints the command of every run instead. Then the table's reporter (`mora.reporting.<table.layout>`)
-writes results/<table>/.
+The experiment config names the table's tasks (`table.tasks`, a list or one per profile), its cells per profile
+(`grid.<profile>`: an adapter with its settings and fixed `overrides`, a learning-rate grid, optionally per task,
+and an optional `search` over other settings, every combination of which is run and the best reported) and an
+optional base model to train first (`base.<profile>`); `--set` adds Hydra overrides to every run. Every cell x task
+x learning rate x search point x seed is one run folder under runs/<table>/<profile>/[<task>/]; finished runs are
+skipped, unfinished ones resume, and a finished run of another config stops the command. The runs go in this
+process (the CPU profile, `--jobs` side by side) or each through `python -m mora.launch` with `--launcher` /
+`--nproc` (one node of GPUs); `--dry-run` prints the command of every run instead. Then the table's reporter
+(`mora.reporting.<table.layout>`) writes results/<table>/.
 """
 
 from __future__ import annotations
@@ -66,8 +66,11 @@ def experiment(table: str, profile: str) -> dict[str, Any]:
     cfg = compose_cfg([f"profile={profile}", f"experiment={table}"])
     if profile not in cfg.grid:
         raise ValueError(f"experiment {table} has no grid for profile {profile!r}")
+    table = OmegaConf.to_container(cfg.table, resolve=True)
+    if isinstance(table["tasks"], dict):  # tasks per profile (Table 4: metamath on the paper's, uuid on tiny)
+        table["tasks"] = table["tasks"][profile]
     return {
-        "table": OmegaConf.to_container(cfg.table, resolve=True),
+        "table": table,
         "cells": OmegaConf.to_container(cfg.grid[profile], resolve=True),
         "base": (OmegaConf.to_container(cfg.base, resolve=True) or {}).get(profile) if "base" in cfg else None,
     }

@@ -29,7 +29,7 @@ def architecture(cfg: Mapping[str, Any]) -> PretrainedConfig:
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
-def ensure_local(name_or_path: str, what: str = "model") -> str:
+def ensure_local(name_or_path: str, what: str = "model", setting: str = "model.pretrained") -> str:
     """Fail fast, with one clear line, when a hub id is not cached and the hub is unreachable (offline)."""
     if Path(name_or_path).is_dir():
         return name_or_path
@@ -41,7 +41,7 @@ def ensure_local(name_or_path: str, what: str = "model") -> str:
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
         raise MissingAssetError(
             f"{what} {name_or_path!r} is not in the local Hugging Face cache and this machine is offline: on a "
-            "networked machine run `make prefetch PROFILE=paper`, or set model.pretrained=/path/to/a/local/copy"
+            f"networked machine run `make prefetch PROFILE=paper`, or set {setting}=/path/to/a/local/copy"
         )
     return name_or_path
 

@@ -1,5 +1,8 @@
 """Download everything a profile needs into the Hugging Face cache, on a networked machine, so that training nodes
-run offline: the model and tokenizer, each task's training data, and the evaluation sets of the task's columns.
+run offline: the model and tokenizer, each task's training data, and the evaluation sets of the task's columns. A
+streamed source (C4: a 305 GB split of which Table 3 reads 5.24 B tokens) is not downloaded whole: its recipe's
+`prefetch(cfg)` streams and tokenises what the runs read into the data cache ($MORA_DATA_CACHE; copy it to the
+nodes with the Hugging Face cache).
 
     make prefetch PROFILE=paper                     # every task
     python scripts/prefetch.py --tasks metamath     # one task
@@ -16,31 +19,42 @@ from hydra import compose, initialize_config_dir
 from mora.evaluation.columns import columns
 from mora.evaluation.harness import hub_dataset
 from mora.paths import CONFIG_DIR
-from mora.tasks.data import LOCAL_BUILDERS
+from mora.tasks import recipe
+from mora.tasks.data import BUILTIN_SOURCES, LOCAL_BUILDERS
 
 TASKS = sorted(p.stem for p in (CONFIG_DIR / "task").glob("*.yaml"))
 
 
-def assets(profile: str, tasks: list[str]) -> tuple[list[str], list[tuple[str, str | None, str | None]]]:
-    """The models and the datasets (path, config, split; split None: every split) of these tasks."""
+def task_config(profile: str, task: str):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=[f"profile={profile}", f"task={task}"])
+
+
+def assets(profile: str, tasks: list[str]) -> tuple[list[str], list[tuple[str, str | None, str | None]], list[str]]:
+    """The models and tokenizers, the datasets (path, config, split; split None: every split) and the tasks whose
+    recipe prefetches its own (streamed) data, of these tasks."""
     models: list[str] = []
     datasets: list[tuple[str, str | None, str | None]] = []
+    streamed: list[str] = []
     known = columns()
     for task in tasks:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=[f"profile={profile}", f"task={task}"])
-        if cfg.model.pretrained and str(cfg.model.pretrained) not in models:
-            models.append(str(cfg.model.pretrained))
+        cfg = task_config(profile, task)
+        model = None if cfg.task.get("from_scratch") else cfg.model.pretrained  # c4 builds its model from config
+        for name in (model, cfg.task.get("tokenizer")):
+            if name and str(name) not in models:
+                models.append(str(name))
         source = cfg.task.get("source")
-        if source is not None and source.path and source.path not in LOCAL_BUILDERS:
+        if hasattr(recipe(cfg.task), "prefetch"):
+            streamed.append(task)
+        elif source is not None and source.path and source.path not in (*LOCAL_BUILDERS, *BUILTIN_SOURCES):
             datasets.append((str(source.path), source.get("name"), source.get("split")))
         evaluation = cfg.task.get("eval")
-        if evaluation is None or evaluation.source == "fixture":
+        if evaluation is None or not evaluation.get("columns") or evaluation.get("source") == "fixture":
             continue
         for name in evaluation.columns:
             for part in known[name].parts:
                 datasets += [(*hub_dataset(b), None) for b in part.benchmarks]
-    return models, list(dict.fromkeys(datasets))
+    return models, list(dict.fromkeys(datasets)), streamed
 
 
 def main() -> int:
@@ -49,9 +63,10 @@ def main() -> int:
     parser.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
     parser.add_argument("--list", action="store_true", help="print the assets; download nothing")
     args = parser.parse_args()
-    models, datasets = assets(args.profile, args.tasks)
+    models, datasets, streamed = assets(args.profile, args.tasks)
     if args.list:
-        print("\n".join([*(f"model {m}" for m in models), *(f"dataset {p} {n or ''}" for p, n, _ in datasets)]))
+        lines = [*(f"model {m}" for m in models), *(f"dataset {p} {n or ''}" for p, n, _ in datasets)]
+        print("\n".join([*lines, *(f"streamed {t} (tokenised into the data cache)" for t in streamed)]))
         return 0
     import datasets as hf_datasets
     from huggingface_hub import snapshot_download
@@ -62,6 +77,10 @@ def main() -> int:
     for path, name, split in datasets:
         hf_datasets.load_dataset(path, name, split=split)
         print(f"{path} {name or ''} {split or '(all splits)'}: cached", flush=True)
+    for task in streamed:
+        cfg = task_config(args.profile, task)
+        recipe(cfg.task).prefetch(cfg.task)
+        print(f"{task}: streamed and tokenised into the data cache", flush=True)
     return 0
 
 

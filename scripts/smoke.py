@@ -37,6 +37,8 @@ def smoke_overrides(method: str, task: str, steps: int, run_dir: Path) -> list[s
     ]
     if task == "uuid":
         overrides += ["task.n_pairs=16"]
+    elif task == "c4":  # 64 training blocks, 8 held out
+        overrides += ["task.train_tokens=8192", "task.eval.tokens=1024"]
     else:  # two documents per benchmark, short generations: the whole evaluation pipeline, quickly
         overrides += ["task.eval.limit=2", "task.eval.gen_kwargs={max_gen_toks:16}"]
     if method in ("relora", "remora"):

@@ -37,10 +37,15 @@ def test_every_composition_validates(experiment, profile, adapter):
 @pytest.mark.parametrize("profile", PROFILES)
 @pytest.mark.parametrize("task", TASKS)
 def test_every_task_has_settings_for_every_profile(task, profile):
-    cfg = _compose(f"profile={profile}", f"task={task}")
+    scratch = task == "c4" and profile == "paper"  # pretraining from scratch names its model (llama_250m / llama_1b)
+    cfg = _compose(f"profile={profile}", f"task={task}", *(["model=llama_250m"] if scratch else []))
     validate(cfg, 8 if profile == "paper" else 1)
     assert (CONFIG_DIR / "task_profile" / f"{task}_{profile}.yaml").is_file()
-    if task != "uuid":
+    if task == "c4":  # perplexity on held-out blocks: the local python_docs corpus on tiny, C4 on the paper's
+        assert (
+            cfg.task.source.path == cfg.task.eval_source.path == ("python_docs" if profile == "tiny" else "allenai/c4")
+        )
+    elif task != "uuid":
         assert cfg.task.eval.source == ("fixture" if profile == "tiny" else "hub")
         local = cfg.task.source.path == "json"
         assert local if profile == "tiny" else (not local)  # tiny reads our fixtures; paper a hub id or nothing

@@ -20,7 +20,7 @@ import torch
 
 from mora.tasks.data import Example
 
-NOT_RECIPES = {"data", "prompts", "text", "tokenizer"}
+NOT_RECIPES = {"corpus", "data", "prompts", "text", "tokenizer"}
 
 
 class Task(Protocol):

@@ -26,6 +26,7 @@ from mora.paths import REPO_ROOT
 
 IGNORE = -100
 LOCAL_BUILDERS = ("json", "text", "csv", "parquet", "arrow")
+BUILTIN_SOURCES = ("python_docs",)  # corpora read from this machine's Python (mora/tasks/corpus.py)
 
 
 @dataclass
@@ -93,14 +94,19 @@ def _offline() -> bool:
     return os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
-def load_source(source: Mapping[str, Any], what: str):
-    """The `datasets.Dataset` of a source's split. A local file that is missing, or a hub dataset that is not
-    cached while offline, stops with one line naming it and the fix."""
+def load_source(source: Mapping[str, Any], what: str, streaming: bool = False):
+    """The `datasets.Dataset` of a source's split (an `IterableDataset` when streaming). A local file that is
+    missing, or a hub dataset that is not cached while offline, stops with one line naming it and the fix."""
     import datasets
 
     path, split = source.get("path"), source.get("split") or "train"
     if not path:
         raise ValueError(f"{what}: task.source.path is not set; name a hub dataset or a builder (json, text)")
+    if path in BUILTIN_SOURCES:
+        from mora.tasks.corpus import python_docs_split
+
+        raw = datasets.Dataset.from_list(python_docs_split(split))
+        return raw.to_iterable_dataset() if streaming else raw
     if path in LOCAL_BUILDERS:
         files = _resolve(source.get("data_files"))
         if not files:
@@ -108,9 +114,9 @@ def load_source(source: Mapping[str, Any], what: str):
         missing = [str(p) for p in _files(files) if not p.is_file()]
         if missing:
             raise ValueError(f"{what}: data file {missing[0]} does not exist; fix task.source.data_files")
-        return datasets.load_dataset(path, data_files=files, split=split)
+        return datasets.load_dataset(path, data_files=files, split=split, streaming=streaming)
     try:
-        return datasets.load_dataset(str(path), source.get("name"), split=split)
+        return datasets.load_dataset(str(path), source.get("name"), split=split, streaming=streaming)
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
         if _offline() or "offline" in str(error).lower():
             raise MissingAssetError(
@@ -125,12 +131,17 @@ def source_fingerprint(source: Mapping[str, Any], raw: Any) -> str:
     a loaded split: a hash of its relative cache folder name/config/version/<hash of the revision's data files>
     and the split, the same on every machine that cached the same revision."""
     h = hashlib.sha256()
-    if source.get("path") in LOCAL_BUILDERS:
+    if source.get("path") in BUILTIN_SOURCES:
+        from mora.tasks.corpus import python_docs_split
+
+        h.update(json.dumps(python_docs_split(source.get("split") or "train")).encode())
+    elif source.get("path") in LOCAL_BUILDERS:
         for path in sorted(_files(_resolve(source.get("data_files")))):
             h.update(path.name.encode())
             h.update(path.read_bytes())
-    else:
-        h.update(json.dumps([source.get("path"), source.get("name"), source.get("split"), raw._fingerprint]).encode())
+    else:  # a streamed hub split has no fingerprint: its name stands for it
+        fingerprint = getattr(raw, "_fingerprint", None)
+        h.update(json.dumps([source.get("path"), source.get("name"), source.get("split"), fingerprint]).encode())
     return h.hexdigest()
 
 
@@ -144,6 +155,23 @@ def cache_root() -> Path:
     return Path(os.environ.get("MORA_DATA_CACHE", Path.home() / ".cache" / "mora-lab" / "data"))
 
 
+def cached(key_parts: Mapping[str, Any], what: str, build: Callable[[], Any]) -> tuple[Any, str]:
+    """The dataset `build()` makes, built once and kept on disk under a content hash of key_parts; returns
+    (dataset, hash). Built in a temporary folder and renamed, so a killed build leaves no half-written cache."""
+    import datasets
+
+    key = hashlib.sha256(json.dumps(dict(key_parts), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    folder = cache_root() / f"{what}-{key}"
+    if not (folder / "dataset_info.json").is_file():
+        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+        build().save_to_disk(str(tmp))
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process (a rank of the same run) built it meanwhile
+            shutil.rmtree(tmp)
+    return datasets.load_from_disk(str(folder)), key
+
+
 def tokenised(
     source: Mapping[str, Any],
     recipe: Mapping[str, Any],
@@ -153,26 +181,10 @@ def tokenised(
 ):
     """The tokenised dataset of a recipe, built once with `build(raw) -> Dataset` (datasets' batched map) and kept
     on disk under a content hash of (raw data, recipe settings, tokenizer); returns (dataset, hash)."""
-    import datasets
-
     raw = load_source(source, what)
-    key = hashlib.sha256(
-        json.dumps(
-            {
-                "raw": source_fingerprint(source, raw),
-                "recipe": dict(recipe),
-                "tokenizer": tokenizer_fingerprint(tokenizer),
-            },
-            sort_keys=True,
-            default=str,
-        ).encode()
-    ).hexdigest()[:16]
-    folder = cache_root() / f"{what}-{key}"
-    if not (folder / "dataset_info.json").is_file():
-        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-        build(raw).save_to_disk(str(tmp))
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process (a rank of the same run) built it meanwhile
-            shutil.rmtree(tmp)
-    return datasets.load_from_disk(str(folder)), key
+    parts = {
+        "raw": source_fingerprint(source, raw),
+        "recipe": dict(recipe),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+    return cached(parts, what, lambda: build(raw))

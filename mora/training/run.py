@@ -34,6 +34,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mora.adapters.build import METHODS, build_adapter
 from mora.adapters.peft_tuner import MoraLayer
+from mora.evaluation.spectrum import adapted_layers, delta_weights, initial_weights, spectrum
 from mora.models import build_model, ensure_local
 from mora.paths import REPO_ROOT
 from mora.tasks import Task, build_task, recipe, task_tokenizer
@@ -55,6 +56,11 @@ def validate(cfg: DictConfig, world: int = 1) -> None:
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"adapter.r must be a positive integer, got {r!r}")
     recipe(cfg.task)
+    if cfg.task.get("from_scratch") and cfg.model.get("pretrained"):
+        raise ValueError(
+            f"task {cfg.task.name} pretrains from scratch but model.pretrained={cfg.model.pretrained}; choose a "
+            "model built from config (model=llama_250m, model=llama_1b) or set model.pretrained=null"
+        )
     t = cfg.train
     if not t.lr > 0:
         raise ValueError(f"train.lr must be positive, got {t.lr}")
@@ -315,6 +321,8 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
             f"adapter={cfg.adapter.method} restarts reset M / optimizer state, which DeepSpeed keeps in its own "
             "partitions; run it with launcher=ddp or local"
         )
+    if t.spectrum and deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        raise ValueError("train.spectrum reads every weight on process 0, which ZeRO-3 partitions; use ZeRO-2 or DDP")
     optimizer = adapted.optimizer(lr=t.lr, weight_decay=t.weight_decay)
     factor = lr_factor(cfg, steps, restarts.every if restarts else None, restarts.warmup if restarts else 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -395,6 +403,9 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
             save_checkpoint(accelerator, model, out, done, {"tokens": tokens_seen})
     bar.close()
     accelerator.wait_for_everyone()
+    spectrum_means = None
+    if t.spectrum and cfg.adapter.method != "fft" and accelerator.is_main_process:
+        spectrum_means = write_spectrum(model_cfg, cfg.seed, accelerator.unwrap_model(model), out)
     state_dict = accelerator.get_state_dict(model)  # every rank: ZeRO-3 gathers its partitioned parameters here
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(out / "adapter", state_dict=state_dict)
@@ -419,4 +430,15 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
         "tokens_per_s": round((tokens_seen - clock_tokens) / max(time.time() - clock, 1e-9), 1),
         "evals": history,
         "evaluation": evaluation,
+        **({"spectrum": spectrum_means} if spectrum_means else {}),
     }
+
+
+def write_spectrum(model_cfg: dict[str, Any], seed: int, model: torch.nn.Module, out: Path) -> dict[str, float]:
+    """Fig. 5's analysis into spectrum.json: the singular values of every adapted weight's update since step 0
+    (the base rebuilt as it was built at step 0: same config and seed, or the same pretrained files). Returns the
+    mean count above the threshold per module type."""
+    initial = initial_weights(build_model(model_cfg, seed=seed), list(adapted_layers(model)))
+    result = spectrum(delta_weights(model, initial))
+    (out / "spectrum.json").write_text(json.dumps(result))
+    return {kind: entry["mean_above"] for kind, entry in result.items()}
