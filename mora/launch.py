@@ -83,7 +83,7 @@ def command(cfg: DictConfig, overrides: list[str], workdir: Path) -> tuple[list[
     if launcher.name == "ddp":
         if not _has_cuda():
             env["ACCELERATE_USE_CPU"] = "1"  # without it, `--multi_gpu` on CPU starts unsynchronised processes
-        args = ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", *base]
+        args = ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", *base]  # the engine autocasts
     else:
         env.pop("ACCELERATE_USE_CPU", None)  # it silently drops DeepSpeed
         env.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")

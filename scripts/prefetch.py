@@ -30,19 +30,22 @@ def task_config(profile: str, task: str):
         return compose(config_name="train", overrides=[f"profile={profile}", f"task={task}"])
 
 
-def assets(profile: str, tasks: list[str]) -> tuple[list[str], list[tuple[str, str | None, str | None]], list[str]]:
-    """The models and tokenizers, the datasets (path, config, split; split None: every split) and the tasks whose
-    recipe prefetches its own (streamed) data, of these tasks."""
+def assets(
+    profile: str, tasks: list[str]
+) -> tuple[list[str], list[str], list[tuple[str, str | None, str | None]], list[str]]:
+    """Of these tasks: the models, the tokenizers of tasks that name their own, the datasets (path, config, split;
+    split None: every split) and the tasks whose recipe prefetches its own (streamed) data."""
     models: list[str] = []
+    tokenizers: list[str] = []
     datasets: list[tuple[str, str | None, str | None]] = []
     streamed: list[str] = []
     known = columns()
     for task in tasks:
         cfg = task_config(profile, task)
-        model = None if cfg.task.get("from_scratch") else cfg.model.pretrained  # c4 builds its model from config
-        for name in (model, cfg.task.get("tokenizer")):
-            if name and str(name) not in models:
-                models.append(str(name))
+        if cfg.model.pretrained and not cfg.task.get("from_scratch") and str(cfg.model.pretrained) not in models:
+            models.append(str(cfg.model.pretrained))  # c4 builds its model from config: no weights to fetch
+        if cfg.task.get("tokenizer") and str(cfg.task.tokenizer) not in tokenizers:
+            tokenizers.append(str(cfg.task.tokenizer))
         source = cfg.task.get("source")
         if hasattr(recipe(cfg.task), "prefetch"):
             streamed.append(task)
@@ -54,7 +57,7 @@ def assets(profile: str, tasks: list[str]) -> tuple[list[str], list[tuple[str, s
         for name in evaluation.columns:
             for part in known[name].parts:
                 datasets += [(*hub_dataset(b), None) for b in part.benchmarks]
-    return models, list(dict.fromkeys(datasets)), streamed
+    return models, tokenizers, list(dict.fromkeys(datasets)), streamed
 
 
 def main() -> int:
@@ -63,9 +66,10 @@ def main() -> int:
     parser.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
     parser.add_argument("--list", action="store_true", help="print the assets; download nothing")
     args = parser.parse_args()
-    models, datasets, streamed = assets(args.profile, args.tasks)
+    models, tokenizers, datasets, streamed = assets(args.profile, args.tasks)
     if args.list:
-        lines = [*(f"model {m}" for m in models), *(f"dataset {p} {n or ''}" for p, n, _ in datasets)]
+        lines = [*(f"model {m}" for m in models), *(f"tokenizer {t}" for t in tokenizers)]
+        lines += [f"dataset {p} {n or ''}" for p, n, _ in datasets]
         print("\n".join([*lines, *(f"streamed {t} (tokenised into the data cache)" for t in streamed)]))
         return 0
     import datasets as hf_datasets
@@ -74,6 +78,9 @@ def main() -> int:
     for model in models:
         path = snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
         print(f"{model} -> {path}", flush=True)
+    for tokenizer in tokenizers:  # the tokenizer files only, not the model's weights
+        path = snapshot_download(tokenizer, allow_patterns=["*.json", "*.model", "*.txt"])
+        print(f"{tokenizer} (tokenizer) -> {path}", flush=True)
     for path, name, split in datasets:
         hf_datasets.load_dataset(path, name, split=split)
         print(f"{path} {name or ''} {split or '(all splits)'}: cached", flush=True)

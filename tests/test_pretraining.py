@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import socket
 
 import pytest
 import torch
@@ -109,6 +110,13 @@ def test_a_streamed_hub_source_missing_offline_is_one_line_naming_prefetch():
         c4.build(cfg, fixture_bpe())
 
 
+def test_a_multi_process_run_refuses_to_build_the_hub_cache_itself(monkeypatch):
+    cfg = _compose(["task=c4", "profile=paper", "model=llama_250m"]).task
+    monkeypatch.setenv("WORLD_SIZE", "8")  # before any hub access: the other ranks would time out in the barrier
+    with pytest.raises(MissingAssetError, match=r"not in the data cache.*make prefetch PROFILE=paper TASKS=c4"):
+        c4.build(cfg, fixture_bpe())
+
+
 def test_pretraining_needs_a_model_built_from_config():
     cfg = _compose(["task=c4", "profile=paper"])  # the paper profile's model is the pretrained LLaMA-2-7B
     with pytest.raises(ValueError, match=r"task c4 pretrains from scratch.*model=llama_250m"):
@@ -145,6 +153,12 @@ def test_perplexity_is_exp_of_the_mean_token_loss_on_hand_checkable_cases():
     assert perplexity(FixedLM(8, 0.9), mixed, batch_size=1)["ppl"] == pytest.approx(math.exp(expected))
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _perplexity_worker(rank, world, port, blocks, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -158,7 +172,7 @@ def _perplexity_worker(rank, world, port, blocks, out):
 def test_perplexity_over_two_processes_equals_one_process(tmp_path):
     blocks = torch.randint(0, 8, (5, 6), generator=torch.Generator().manual_seed(0))  # 3 + 2 blocks: rank 1 pads
     out = tmp_path / "result.pt"
-    torch.multiprocessing.spawn(_perplexity_worker, args=(2, 29533, blocks, out), nprocs=2)
+    torch.multiprocessing.spawn(_perplexity_worker, args=(2, _free_port(), blocks, out), nprocs=2)
     assert torch.load(out) == pytest.approx(perplexity(FixedLM(8, 0.7), blocks, batch_size=2))
 
 
@@ -379,4 +393,9 @@ def test_every_method_pretrains_on_the_c4_recipe(tmp_path, method):
     assert (
         math.isfinite(summary["evaluation"]["scores"]["ppl"]) and summary["evaluation"]["scores"]["tokens"] == 8 * 127
     )
-    assert (folder / "spectrum.json").exists() == (method != "fft")
+    assert (folder / "spectrum.json").exists() == (method not in ("fft", "dora"))  # DoRA: not base + delta
+    if method in ("lora", "loraplus", "asylora"):  # the step-0 base rebuilt exactly: ΔW is the rank-8 adapter's
+        values = [
+            v for kind in json.loads((folder / "spectrum.json").read_text()).values() for v in kind["singular_values"]
+        ]
+        assert all(v[0] > 1e-4 and max(v[8:]) < 1e-6 for v in values)

@@ -78,12 +78,22 @@ def test_same_seed_same_metrics_and_accumulation_invariance(tmp_path):
         ("train.eval_steps=[1000]", "eval_steps"),
         ("adapter.target_modules=[qkv_proj]", r"target_modules \['qkv_proj'\] are not modules"),
         ("adapter.compression=rotation", "unknown compression 'rotation'"),
+        ("train.mixed_precision=fp16", "train.mixed_precision must be null or bf16, got 'fp16'"),
+        ("launcher=deepspeed_zero2 train.mixed_precision=bf16", "under DeepSpeed the precision follows model.dtype"),
+        ("launcher=deepspeed_zero3 train.spectrum=true", "train.spectrum reads every weight on process 0"),
     ],
 )
 def test_bad_input_stops_before_work(tmp_path, override, match):
-    cfg = _compose(*smoke_overrides("mora", "uuid", 2, tmp_path / "run"), override)
+    cfg = _compose(*smoke_overrides("mora", "uuid", 2, tmp_path / "run"), *override.split())
     with pytest.raises(ValueError, match=match):
         run(cfg)
+
+
+def test_bf16_autocast_over_fp32_weights_trains_close_to_fp32(tmp_path):
+    fp32 = run(_compose(*smoke_overrides("mora", "uuid", 2, tmp_path / "fp32")))
+    bf16 = run(_compose(*smoke_overrides("mora", "uuid", 2, tmp_path / "bf16"), "train.mixed_precision=bf16"))
+    assert bf16["status"] == "finished" and bf16["final_train_loss"] != fp32["final_train_loss"]  # autocast ran
+    assert bf16["final_train_loss"] == pytest.approx(fp32["final_train_loss"], rel=0.05)
 
 
 def test_a_finished_run_folder_is_never_overwritten(tmp_path):

@@ -6,7 +6,7 @@
 Token-weighted over the whole set (ReLoRA's script averages per-batch means of per-document padded sequences;
 with full blocks of equal length the two agree up to the last, smaller batch). In a multi-process run each process
 scores every world-th block and the sums are all-reduced; every process runs the same number of forwards (ZeRO-3
-gathers parameters in each), padding with a zero-weight batch where its share runs out.
+gathers parameters in each), running an uncounted batch where its share runs out.
 """
 
 from __future__ import annotations
@@ -45,13 +45,11 @@ def perplexity(model: torch.nn.Module, blocks: Tensor, batch_size: int) -> dict[
     model.eval()
     for b in range(n_batches):
         batch = mine[b * batch_size : (b + 1) * batch_size]
-        weight = 1.0
-        if len(batch) == 0:  # this process's share ran out: a forward anyway, counted zero times
-            batch, weight = blocks[:1], 0.0
+        if len(batch) == 0:  # this process's share ran out: a forward anyway (ZeRO-3), not counted
+            block_loss_sum(model, blocks[:1].to(device))
+            continue
         loss, tokens = block_loss_sum(model, batch.to(device))
-        total += torch.stack(
-            [loss.double() * weight, torch.tensor(tokens * weight, dtype=torch.float64, device=device)]
-        )
+        total += torch.stack([loss.double(), torch.tensor(float(tokens), dtype=torch.float64, device=device)])
     if world > 1:
         torch.distributed.all_reduce(total)
     model.train(was_training)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -48,19 +48,23 @@ def adapted_layers(model: nn.Module) -> dict[str, BaseTunerLayer]:
     }
 
 
+def iter_delta_weights(model: nn.Module, initial: Mapping[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+    """(name, ΔW (d_out, d_in)) of every adapter layer, one at a time: its weight now minus its weight at step 0."""
+    for name, layer in adapted_layers(model).items():
+        yield name, effective_weight(layer) - initial[name].to(layer.get_base_layer().weight.device).float()
+
+
 def delta_weights(model: nn.Module, initial: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """ΔW (d_out, d_in) of every adapter layer: its weight now minus its weight at step 0."""
-    return {
-        name: effective_weight(layer) - initial[name].to(layer.get_base_layer().weight.device).float()
-        for name, layer in adapted_layers(model).items()
-    }
+    return dict(iter_delta_weights(model, initial))
 
 
-def spectrum(deltas: Mapping[str, Tensor], threshold: float = THRESHOLD) -> dict[str, Any]:
+def spectrum(
+    deltas: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], threshold: float = THRESHOLD
+) -> dict[str, Any]:
     """Per module type (the last part of the name): each layer's singular values (descending), how many exceed
-    threshold, and their mean over layers."""
+    threshold, and their mean over layers. `deltas` may be a generator: then one ΔW is held at a time."""
     by_type: dict[str, dict[str, list]] = defaultdict(lambda: {"layers": [], "singular_values": [], "above": []})
-    for name, delta in deltas.items():
+    for name, delta in deltas.items() if isinstance(deltas, Mapping) else deltas:
         values = torch.linalg.svdvals(delta.float()).cpu()
         entry = by_type[name.rsplit(".", 1)[-1]]
         entry["layers"].append(name)

@@ -9,10 +9,11 @@ prepends `<s>` and ends with one `</s>`). Documents are concatenated in stream o
 block may span documents, no token is lost or repeated, only the tail after the last full block is dropped.
 
 The source is streamed (C4's `en` train split is 305 GB; Table 3 reads 10k steps x 1024 x 512 = 5.24 B tokens of
-it): the first `train_tokens` tokens' blocks are written once to the data cache (int32, 21 GB for the paper), on
-the first run or by `make prefetch PROFILE=paper`, and training shuffles those blocks by (seed, epoch). The
-validation set is the first `eval.tokens` tokens of `eval_source` (C4's validation split: 10 M tokens, ReLoRA's
-`target_eval_tokens`), packed the same way.
+it): the first `train_tokens` tokens' blocks are written once to the data cache (int32, 21 GB for the paper) by
+`make prefetch PROFILE=paper TASKS=c4` (or by a first run in one process: in several, the other processes would
+time out waiting for it, so a multi-process run refuses to start without it), and training shuffles those blocks
+by (seed, epoch). The validation set is the first `eval.tokens` tokens of `eval_source` (C4's validation split:
+10 M tokens, ReLoRA's `target_eval_tokens`), packed the same way.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ from typing import Any
 import torch
 
 from mora.evaluation.perplexity import perplexity
-from mora.models import ensure_local
+from mora.models import MissingAssetError, ensure_local
 from mora.tasks.data import (
+    BUILTIN_SOURCES,
+    LOCAL_BUILDERS,
     Example,
+    cache_folder,
     cache_root,
     cached,
     collate,
@@ -90,6 +94,14 @@ def blocks(
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
     generator_cache = cache_root() / f".generator-{os.getpid()}"  # datasets' own cache of the build, per process
+    folder, _ = cache_folder(parts, what)
+    hub = source.get("path") not in (*LOCAL_BUILDERS, *BUILTIN_SOURCES)
+    if hub and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (folder / "dataset_info.json").is_file():
+        raise MissingAssetError(
+            f"{what}: the tokenised blocks of {source.get('path')} are not in the data cache ({cache_root()}); "
+            "streaming and tokenising them takes one process hours while the others would time out: run "
+            f"`make prefetch PROFILE=paper TASKS={what.split('-')[0]}` (or one process) first"
+        )
 
     def build() -> Any:
         raw = load_source(source, what, streaming=True)
@@ -111,7 +123,10 @@ def blocks(
     dataset, key = cached(parts, what, build)
     shutil.rmtree(generator_cache, ignore_errors=True)
     if len(dataset) == 0:
-        raise ValueError(f"{what}: the source holds less than one block of {block_size} tokens; check task.source")
+        raise ValueError(
+            f"{what}: no block of {block_size} tokens: the source is shorter than that, or task.train_tokens / "
+            f"task.eval.tokens={tokens} is below task.block_size"
+        )
     return dataset, key
 
 

@@ -155,13 +155,18 @@ def cache_root() -> Path:
     return Path(os.environ.get("MORA_DATA_CACHE", Path.home() / ".cache" / "mora-lab" / "data"))
 
 
+def cache_folder(key_parts: Mapping[str, Any], what: str) -> tuple[Path, str]:
+    """Where `cached` keeps the dataset of key_parts (built when it holds dataset_info.json), and its hash."""
+    key = hashlib.sha256(json.dumps(dict(key_parts), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return cache_root() / f"{what}-{key}", key
+
+
 def cached(key_parts: Mapping[str, Any], what: str, build: Callable[[], Any]) -> tuple[Any, str]:
     """The dataset `build()` makes, built once and kept on disk under a content hash of key_parts; returns
     (dataset, hash). Built in a temporary folder and renamed, so a killed build leaves no half-written cache."""
     import datasets
 
-    key = hashlib.sha256(json.dumps(dict(key_parts), sort_keys=True, default=str).encode()).hexdigest()[:16]
-    folder = cache_root() / f"{what}-{key}"
+    folder, key = cache_folder(key_parts, what)
     if not (folder / "dataset_info.json").is_file():
         tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
         build().save_to_disk(str(tmp))

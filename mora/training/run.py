@@ -13,6 +13,7 @@ Only rank 0 writes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -34,13 +35,16 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mora.adapters.build import METHODS, build_adapter
 from mora.adapters.peft_tuner import MoraLayer
-from mora.evaluation.spectrum import adapted_layers, delta_weights, initial_weights, spectrum
+from mora.evaluation.spectrum import adapted_layers, initial_weights, iter_delta_weights, spectrum
 from mora.models import build_model, ensure_local
 from mora.paths import REPO_ROOT
 from mora.tasks import Task, build_task, recipe, task_tokenizer
 from mora.training.restarts import jagged_factor, schedule_factor
 
 CHECKPOINT_STATE = "state.json"  # written last: a checkpoint folder without it is incomplete
+# train settings added after runs were recorded, at the value that keeps the earlier behaviour: left out of the
+# config hash, so that finished runs of earlier versions are still found
+NEUTRAL_TRAIN_SETTINGS = {"spectrum": False, "mixed_precision": None}
 
 
 def world_size() -> int:
@@ -76,6 +80,17 @@ def validate(cfg: DictConfig, world: int = 1) -> None:
         )
     if epochs is None:
         check_eval_steps(t.eval_steps, t.steps)
+    precision = t.get("mixed_precision")
+    if precision not in (None, "bf16"):
+        raise ValueError(f"train.mixed_precision must be null or bf16, got {precision!r}")
+    deepspeed = str(cfg.launcher.name).startswith("deepspeed")
+    if precision and deepspeed:
+        raise ValueError(
+            f"train.mixed_precision={precision} is for launcher=ddp or local; under DeepSpeed the precision follows "
+            "model.dtype (its bf16 / fp16 with fp32 master weights)"
+        )
+    if t.get("spectrum") and deepspeed and "zero3" in str(cfg.launcher.name):
+        raise ValueError("train.spectrum reads every weight on process 0, which ZeRO-3 partitions; use ZeRO-2 or DDP")
     if t.checkpoint_every < 0:
         raise ValueError(f"train.checkpoint_every must be >= 0 (0: no checkpoints), got {t.checkpoint_every}")
 
@@ -106,6 +121,9 @@ def config_hash(cfg: DictConfig) -> str:
     for key in ("run", "wandb", "table", "grid", "base"):
         data.pop(key, None)
     data["train"].pop("progress", None)
+    for key, neutral in NEUTRAL_TRAIN_SETTINGS.items():
+        if data["train"].get(key, neutral) == neutral:
+            data["train"].pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -321,14 +339,18 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
             f"adapter={cfg.adapter.method} restarts reset M / optimizer state, which DeepSpeed keeps in its own "
             "partitions; run it with launcher=ddp or local"
         )
-    if t.spectrum and deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3:
-        raise ValueError("train.spectrum reads every weight on process 0, which ZeRO-3 partitions; use ZeRO-2 or DDP")
     optimizer = adapted.optimizer(lr=t.lr, weight_decay=t.weight_decay)
     factor = lr_factor(cfg, steps, restarts.every if restarts else None, restarts.warmup if restarts else 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     model, optimizer = accelerator.prepare(adapted.model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     world, rank = accelerator.num_processes, accelerator.process_index
+
+    def autocast():  # train.mixed_precision=bf16: the forward in bf16 over the model's (fp32) weights
+        if t.get("mixed_precision") == "bf16":
+            return torch.autocast(accelerator.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     micro, accumulation = t.micro_batch, t.global_batch // (t.micro_batch * world)
 
     start, tokens_seen, history = 0, 0, []
@@ -358,7 +380,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
         for i in range(accumulation):
             batch = task.collate(mine[i * micro : (i + 1) * micro])
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(model), autocast():
                 part = token_loss_sum(model, batch)
                 # accelerate / DeepSpeed divide by the accumulation count and DDP averages over ranks: undo both,
                 # so the update is (sum of token losses of the global batch) / (its label tokens)
@@ -404,7 +426,8 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
     bar.close()
     accelerator.wait_for_everyone()
     spectrum_means = None
-    if t.spectrum and cfg.adapter.method != "fft" and accelerator.is_main_process:
+    # DoRA's weight is not base + delta (a magnitude rescales it): its spectrum is not computed
+    if t.spectrum and cfg.adapter.method not in ("fft", "dora") and accelerator.is_main_process:
         spectrum_means = write_spectrum(model_cfg, cfg.seed, accelerator.unwrap_model(model), out)
     state_dict = accelerator.get_state_dict(model)  # every rank: ZeRO-3 gathers its partitioned parameters here
     if accelerator.is_main_process:
@@ -439,6 +462,6 @@ def write_spectrum(model_cfg: dict[str, Any], seed: int, model: torch.nn.Module,
     (the base rebuilt as it was built at step 0: same config and seed, or the same pretrained files). Returns the
     mean count above the threshold per module type."""
     initial = initial_weights(build_model(model_cfg, seed=seed), list(adapted_layers(model)))
-    result = spectrum(delta_weights(model, initial))
+    result = spectrum(iter_delta_weights(model, initial))
     (out / "spectrum.json").write_text(json.dumps(result))
     return {kind: entry["mean_above"] for kind, entry in result.items()}

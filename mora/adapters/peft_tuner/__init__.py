@@ -1,10 +1,16 @@
 """MoRA as a stock-PEFT method: importing this package registers it with PEFT."""
 
-from .config import MoraConfig
-from .layer import MoraLayer, MoraLinear
-from .model import MoraModel
-from .registry import register
+from .registry import check_peft_version
+
+check_peft_version()  # before the modules that import what older PEFTs lack
+
+from .config import MoraConfig  # noqa: E402
+from .layer import MoraLayer, MoraLinear  # noqa: E402
+from .loading import load  # noqa: E402
+from .model import MoraModel  # noqa: E402
+from .registry import patch_model_card, register  # noqa: E402
 
 register(MoraConfig, MoraModel)
+patch_model_card()
 
-__all__ = ["MoraConfig", "MoraLayer", "MoraLinear", "MoraModel"]
+__all__ = ["MoraConfig", "MoraLayer", "MoraLinear", "MoraModel", "load"]

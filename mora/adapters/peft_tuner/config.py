@@ -36,10 +36,11 @@ class MoraConfig(PeftConfig):
             (r=8) and `sharing` at large r (r=256).
         rounding: `official` (nearest integer, as the authors' code) or `paper` (floor).
         dropout: dropout on the layer input before compression.
-        target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save: as in LoraConfig.
+        target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save,
+            trainable_token_indices: as in LoraConfig (PEFT applies the last two to any method).
         init_weights: True gives M = 0, an exact no-op; False gives a random M (for tests and analysis).
         lora_alpha, use_rslora, use_dora, init_lora_weights, lora_dropout: LoRA options MoRA does not use; setting
-            one warns and it is ignored (MoRA has no scaling).
+            one warns and it is ignored (MoRA has no scaling). Unset, they are left out of adapter_config.json.
     """
 
     r: int = field(default=8, metadata={"help": "LoRA rank giving the budget; r_hat is inferred per layer"})
@@ -52,6 +53,13 @@ class MoraConfig(PeftConfig):
     layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "layer ids"})
     layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "layer pattern"})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "extra trainable modules"})
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None,
+        metadata={
+            "help": "PEFT's trainable tokens: train only these rows of the input embedding (a list), or of named "
+            "embedding layers ({name: [indices]}); TRL sets it for the tokens a chat template adds"
+        },
+    )
     init_weights: bool = field(default=True, metadata={"help": "True: M = 0 (no-op); False: random M"})
     implementation: str = field(default="mora-lab", metadata={"help": "which code wrote this adapter"})
     lora_alpha: Optional[float] = field(default=None, metadata={"help": "ignored (LoRA-only)"})
@@ -87,3 +95,11 @@ class MoraConfig(PeftConfig):
                     UserWarning,
                     stacklevel=3,
                 )
+
+    def to_dict(self) -> dict:
+        """PEFT's dict (what adapter_config.json holds) without the LoRA-only options left unset."""
+        data = super().to_dict()
+        for option in LORA_ONLY_OPTIONS:
+            if data.get(option) is None:
+                data.pop(option, None)
+        return data

@@ -94,7 +94,9 @@ class MoraLayer(BaseTunerLayer):
         self.mora_compression[adapter_name] = compression
         if compression == "rope":
             size = self.mora_r_hat[adapter_name]
-            device = self.mora_M[adapter_name].device
+            # on the base weight's device: with low_cpu_mem_usage M starts on meta, and these tables, not being
+            # saved, would never be filled in
+            device = self.get_base_layer().weight.device
             cos, sin = rope_tables(size, surviving_chunks(self.in_features, self.out_features, size), device)
             self.mora_cos[adapter_name] = cos
             self.mora_sin[adapter_name] = sin

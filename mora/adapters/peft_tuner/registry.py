@@ -14,7 +14,9 @@ from packaging.version import Version
 from peft.utils import PeftType
 
 NAME = "mora"
-PEFT_MIN = Version("0.15.0")  # register_peft_method appeared in 0.15
+# the oldest PEFT the adapter runs on (tests/adapters pass with peft 0.20.0, transformers 4.56.2, torch 2.13.0;
+# 0.19 lacks peft.utils.resolve_quantization_backend, 0.17 tuners_utils._get_in_out_features)
+PEFT_MIN = Version("0.20.0")
 PEFT_TESTED = Version("0.21.2")
 
 
@@ -22,7 +24,7 @@ def check_peft_version(version: str = peft.__version__) -> None:
     """Refuse a PEFT without `register_peft_method`; warn on one newer than the tested release."""
     installed = Version(version)
     if installed < PEFT_MIN:
-        raise ImportError(f"mora needs peft>={PEFT_MIN} (register_peft_method); installed peft=={version}")
+        raise ImportError(f"mora needs peft>={PEFT_MIN}; installed peft=={version}: pip install -U 'peft>={PEFT_MIN}'")
     if Version(installed.base_version) > PEFT_TESTED:
         warnings.warn(
             f"mora was tested with peft=={PEFT_TESTED}; installed peft=={version}. If get_peft_model fails, "
@@ -65,3 +67,23 @@ def register(config_cls: type, model_cls: type) -> None:
             "mora-lab's MoRA cannot be registered beside it"
         )
     register_peft_method(name=NAME, config_cls=config_cls, model_cls=model_cls, prefix=model_cls.prefix)
+
+
+def patch_model_card() -> None:
+    """Make PeftModel.save_pretrained write MoRA's model card (card.py) for MoRA adapters; PEFT's own card logic
+    still runs on top of it. Once per process."""
+    from peft import PeftModel
+
+    from .card import finish_card, write_card
+
+    original = PeftModel.create_or_update_model_card
+    if getattr(original, "_mora_card", False):
+        return
+
+    def create_or_update_model_card(self: PeftModel, output_dir: str) -> None:
+        write_card(self, output_dir)
+        original(self, output_dir)
+        finish_card(output_dir)
+
+    create_or_update_model_card._mora_card = True
+    PeftModel.create_or_update_model_card = create_or_update_model_card

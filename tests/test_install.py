@@ -1,0 +1,70 @@
+"""The library as a user installs it: a clean venv with only the core dependencies (torch from the same local CPU
+wheel, transformers, peft), at the exact lock and at the oldest versions pyproject.toml claims. In it: `import mora`
+works without the suite (no hydra, deepspeed, datasets, lm-eval, wandb, matplotlib), and a MoraConfig adapter on a
+tiny transformers model trains a step, saves, reloads and merges."""
+
+import shutil
+import subprocess
+import sys
+import venv
+
+import pytest
+
+from mora.paths import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+CHECK = """
+import importlib.util, tempfile
+import torch, peft, transformers
+import mora
+from peft import PeftModel, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+suite = [m for m in ("hydra", "deepspeed", "datasets", "lm_eval", "wandb", "matplotlib") if importlib.util.find_spec(m)]
+assert not suite, f"the core install pulled suite packages: {suite}"
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=50, hidden_size=24, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4,
+                     max_position_embeddings=32)
+model = get_peft_model(LlamaForCausalLM(config), mora.MoraConfig(r=2, compression="rope", task_type="CAUSAL_LM",
+                                                                 target_modules=["q_proj", "up_proj"]))
+ids = torch.randint(0, 50, (2, 12))
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+model(input_ids=ids, labels=ids).loss.backward()
+optimizer.step()
+model.eval()
+expected = model(input_ids=ids).logits
+folder = tempfile.mkdtemp()
+model.save_pretrained(folder)
+torch.manual_seed(0)
+reloaded = PeftModel.from_pretrained(LlamaForCausalLM(config), folder)
+assert torch.allclose(reloaded(input_ids=ids).logits, expected, atol=1e-6)
+merged = reloaded.merge_and_unload()
+assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-5)
+print("ok", torch.__version__, transformers.__version__, peft.__version__)
+"""
+
+
+def _pip(python, *args):
+    result = subprocess.run([python, "-m", "pip", "install", "--quiet", *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("versions", ["lock", "oldest"])
+def test_the_core_install_imports_trains_saves_loads_and_merges(tmp_path, versions):
+    source = tmp_path / "source"  # a copy: building in the repository would leave build/ there
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, source / name)
+    shutil.copytree(REPO_ROOT / "mora", source / "mora", ignore=shutil.ignore_patterns("__pycache__"))
+    venv.create(tmp_path / "venv", with_pip=True)
+    python = str(tmp_path / "venv" / "bin" / "python")
+    lock = ["-c", str(REPO_ROOT / "requirements.txt")]
+    if versions == "lock":
+        _pip(python, "torch==2.13.0", str(source), *lock)
+    else:  # the lower bounds of pyproject.toml's dependencies
+        _pip(python, "torch==2.13.0", "transformers==4.56.2", "peft==0.20.0", str(source))
+    result = subprocess.run([python, "-c", CHECK], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0 and result.stdout.startswith("ok"), result.stderr[-3000:]
+    if versions == "oldest":
+        assert result.stdout.split()[1:] == ["2.13.0+cpu", "4.56.2", "0.20.0"]
+    print(result.stdout, file=sys.stderr)
