@@ -100,6 +100,21 @@ def test_trainable_token_indices_train_only_those_embedding_rows(tmp_path):
     assert torch.allclose(reloaded.get_input_embeddings()(torch.arange(50)), after, atol=1e-6)
 
 
+@pytest.mark.parametrize("unload", ["merge_and_unload", "unload"])
+def test_trainable_tokens_unload_with_the_adapter(unload):
+    # found by PEFT's generic tuner tests with MoRA rows: BaseTuner's module swap failed on the tokens wrapper
+    config = mora.MoraConfig(r=2, target_modules=TARGETS, trainable_token_indices=[3, 7], init_weights=False)
+    model = get_peft_model(_base(), config)
+    with torch.no_grad():
+        model.get_input_embeddings().token_adapter.trainable_tokens_delta["default"].add_(1.0)
+    expected = model(input_ids=IDS).logits.detach()
+    plain = getattr(model, unload)()
+    assert type(plain.get_input_embeddings()) is torch.nn.Embedding
+    assert not any(isinstance(m, mora.MoraLayer) for m in plain.modules())
+    if unload == "merge_and_unload":  # the trained rows and M are in the plain model's weights
+        assert torch.allclose(plain(input_ids=IDS).logits, expected, atol=1e-5)
+
+
 def test_task_type_gives_the_causal_lm_class():
     model = get_peft_model(_base(), mora.MoraConfig(r=2, target_modules=TARGETS, task_type="CAUSAL_LM"))
     assert isinstance(model, PeftModelForCausalLM)

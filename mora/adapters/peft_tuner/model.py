@@ -6,6 +6,7 @@ from typing import Any
 
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .config import MoraConfig
@@ -38,3 +39,11 @@ class MoraModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # Unloading trainable tokens / modules_to_save: the wrapper's `weight` is a computed tensor, not a Parameter,
+        # so BaseTuner's weight hand-over fails; the unwrapped module already holds its weights (as LoraModel does).
+        if isinstance(child, AuxiliaryTrainingWrapper):
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
