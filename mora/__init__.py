@@ -5,12 +5,13 @@
 """
 
 from mora.adapters.mora import COMPRESSIONS, OFFICIAL_TYPES, delta, delta_weight, r_hat
-from mora.adapters.peft_tuner import MoraConfig, MoraLayer, MoraModel, load
+from mora.adapters.peft_tuner import MoraAdapterError, MoraConfig, MoraLayer, MoraModel, load
 
 __version__ = "0.1.0"
 
 __all__ = [
     "COMPRESSIONS",
+    "MoraAdapterError",
     "OFFICIAL_TYPES",
     "MoraConfig",
     "MoraLayer",

@@ -25,6 +25,7 @@ from mora.adapters.mora import (
 )
 
 from .config import MoraConfig
+from .folder import MoraAdapterError
 
 
 def check_supported_base(base_layer: nn.Module, name: str = "") -> None:
@@ -145,7 +146,7 @@ class MoraLinear(nn.Module, MoraLayer):
         for adapter_name, M in self.mora_M.items():
             key = f"{prefix}mora_M.{adapter_name}"
             if key in state_dict and state_dict[key].shape != M.shape:
-                raise ValueError(
+                raise MoraAdapterError(
                     f"MoRA adapter does not fit this model: {key} has shape {tuple(state_dict[key].shape)}, but this "
                     f"{self.in_features} -> {self.out_features} layer with compression="
                     f"{self.mora_compression[adapter_name]!r} and r={self.mora_r[adapter_name]} needs "

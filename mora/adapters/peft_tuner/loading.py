@@ -20,5 +20,8 @@ def load(path: str, **kwargs: Any) -> Any:
         "QUESTION_ANS": peft.AutoPeftModelForQuestionAnswering,
         "FEATURE_EXTRACTION": peft.AutoPeftModelForFeatureExtraction,
     }
+    from .folder import check_folder
+
+    check_folder(path, kwargs.get("subfolder"))  # before PEFT reads the config: one error type for a damaged folder
     config = peft.PeftConfig.from_pretrained(path)
     return by_task.get(config.task_type, peft.AutoPeftModel).from_pretrained(path, **kwargs)

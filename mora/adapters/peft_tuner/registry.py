@@ -1,4 +1,5 @@
-"""Registers MoRA as a PEFT method. The one place that touches PEFT internals.
+"""Registers MoRA as a PEFT method, its model card and its adapter-folder checks. The one place that touches PEFT
+internals.
 
 PEFT's `register_peft_method` accepts only names that are members of its `PeftType` enum, and the enum has no MORA.
 `mora_peft_type()` adds the member once (guarded by the installed PEFT version), then `register()` registers
@@ -8,6 +9,7 @@ MoraConfig / MoraModel under it, so that stock `get_peft_model`, `PeftModel.from
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import peft
 from packaging.version import Version
@@ -87,3 +89,38 @@ def patch_model_card() -> None:
 
     create_or_update_model_card._mora_card = True
     PeftModel.create_or_update_model_card = create_or_update_model_card
+
+
+def patch_loading() -> None:
+    """Make PeftModel.from_pretrained and load_adapter check a local MoRA adapter folder before PEFT reads it, and
+    name the folder when its weights do not fit the model (folder.py). Once per process."""
+    from peft import PeftModel
+
+    from .folder import MoraAdapterError, check_folder
+
+    if getattr(PeftModel.load_adapter, "_mora_checked", False):
+        return
+    original_from_pretrained = PeftModel.from_pretrained.__func__
+    original_load_adapter = PeftModel.load_adapter
+
+    def named(error: MoraAdapterError, model_id: Any) -> MoraAdapterError:
+        text = str(error)
+        return error if text.startswith(str(model_id)) else MoraAdapterError(f"{model_id}: {text}")
+
+    def from_pretrained(cls, model, model_id, adapter_name="default", is_trainable=False, config=None, **kwargs):
+        check_folder(model_id, kwargs.get("subfolder"), has_config=config is not None)
+        try:
+            return original_from_pretrained(cls, model, model_id, adapter_name, is_trainable, config, **kwargs)
+        except MoraAdapterError as error:
+            raise named(error, model_id) from None
+
+    def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+        check_folder(model_id, kwargs.get("subfolder"))
+        try:
+            return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        except MoraAdapterError as error:
+            raise named(error, model_id) from None
+
+    load_adapter._mora_checked = True
+    PeftModel.from_pretrained = classmethod(from_pretrained)
+    PeftModel.load_adapter = load_adapter
