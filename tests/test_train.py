@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from mora.adapters.build import METHODS
 from mora.models import MissingAssetError
 from mora.paths import CONFIG_DIR, REPO_ROOT
-from mora.reporting.table2 import CSV_COLUMNS, write_results
+from mora.reporting.table2 import CSV_COLUMNS, line_style, write_results
 from mora.training.run import run
 from scripts.smoke import check_run_folder, smoke_overrides
 
@@ -200,3 +200,26 @@ def test_table_runner_refuses_a_finished_run_of_another_config(tmp_path):
     launched = smoke_overrides("lora", "uuid", 2, tmp_path / "launched")
     run(_compose(*launch, *launched))
     assert finished(Run("uuid", "lora", 1e-3, 0, tmp_path / "launched", launched), launch)
+
+
+def test_table2_plot_gives_each_operator_one_colour_and_each_rank_one_style():
+    rope, sharing = {"method": "mora", "compression": "rope"}, {"method": "mora", "compression": "sharing"}
+    lora, fft = {"method": "lora", "compression": None}, {"method": "fft", "compression": None}
+    styles = {
+        "mora-r8": line_style("mora-r8", rope),
+        "mora-r256-rope": line_style("mora-r256-rope", rope),
+        "mora-r256": line_style("mora-r256", sharing),
+        "lora-r8": line_style("lora-r8", lora),
+        "lora-r256": line_style("lora-r256", lora),
+        "fft": line_style("fft", fft),
+    }
+    assert styles["mora-r8"][0] == styles["mora-r256-rope"][0] != styles["mora-r256"][0]  # rope: one colour
+    assert styles["lora-r8"][0] == styles["lora-r256"][0] not in {styles["mora-r8"][0], styles["mora-r256"][0]}
+    assert {name: style for name, (_, style) in styles.items()} == {
+        "mora-r8": "--",
+        "lora-r8": "--",
+        "mora-r256-rope": "-",
+        "mora-r256": "-",
+        "lora-r256": "-",
+        "fft": "-",
+    }

@@ -9,12 +9,11 @@ seeds of the task's columns is reported (the paper picks from small grids, PAPER
 from __future__ import annotations
 
 import csv
-import shutil
 import statistics
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from mora.reporting.common import best_points, copy_records, mean_std
 from mora.reporting.table2 import load_runs
 
 # (column key in our summaries, Table 1 header, the task that trains for it)
@@ -77,36 +76,13 @@ def task_columns(task: str) -> list[str]:
     return [key for key, _, t in COLUMNS if t == task]
 
 
-def _point(run: dict[str, Any]) -> str:
-    """The run's learning rate and search point: its folder name without the seed."""
-    return run["dir"].name.rsplit("-s", 1)[0]
-
-
 def select(runs: list[dict[str, Any]], cells: list[dict[str, Any]], task: str) -> dict[str, list[dict[str, Any]]]:
     """Per cell, the runs (all seeds) of the point with the best mean over seeds of the task's columns."""
-    names = sorted((c["name"] for c in cells), key=len, reverse=True)  # lora-r8 must not claim loraplus-r8's runs
-    by_cell: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    for run in runs:
-        cell = next((n for n in names if run["dir"].name.startswith(n + "-lr")), None)
-        if cell is not None:
-            by_cell[cell][_point(run)].append(run)
-
-    def score(group: list[dict[str, Any]]) -> float:
-        return statistics.mean(statistics.mean(_scores(r)[c] for c in task_columns(task)) for r in group)
-
-    return {cell: max(points.values(), key=score) for cell, points in by_cell.items()}
+    return best_points(runs, cells, lambda run: statistics.mean(_scores(run)[c] for c in task_columns(task)))
 
 
 def _scores(run: dict[str, Any]) -> dict[str, float]:
     return run["summary"]["evaluation"]["scores"]
-
-
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def _paper(value: float | None) -> str:
@@ -134,7 +110,7 @@ def write_table1(path: Path, chosen: dict[str, dict[str, list]], cells: list[dic
         row, rank = [], "-"
         for (column, _, task), p in zip(COLUMNS, paper, strict=True):
             group = chosen.get(task, {}).get(cell["name"], [])
-            row += [_paper(p), _mean_std([_scores(r)[column] for r in group])]
+            row += [_paper(p), mean_std([_scores(r)[column] for r in group])]
             if group and group[0]["summary"]["rank"] is not None:
                 rank = str(group[0]["summary"]["rank"])
         lines.append(f"| {cell['label']} | {cell.get('paper_rank') or '-'} | " + " | ".join(row) + f" | {rank} |")
@@ -160,8 +136,8 @@ def write_parts(path: Path, domain: str, chosen: dict[str, list], cells: list[di
         paper = paper or (None,) * (len(parts) + 1)
         row = []
         for (part, _), p in zip(parts, paper, strict=False):
-            row += [_paper(p), _mean_std([_scores(r)[f"{domain}/{part}"] for r in group])]
-        row += [_paper(paper[-1]), _mean_std([_scores(r)[domain] for r in group])]
+            row += [_paper(p), mean_std([_scores(r)[f"{domain}/{part}"] for r in group])]
+        row += [_paper(paper[-1]), mean_std([_scores(r)[domain] for r in group])]
         lines.append(f"| {cell['label']} | {cell.get('paper_rank') or '-'} | " + " | ".join(row) + " |")
     path.write_text("\n".join(lines) + "\n")
 
@@ -226,13 +202,7 @@ def write_results(root: Path, out: Path, profile: str, cells: list[dict[str, Any
         if not runs:
             continue
         chosen[task] = select(runs, cells, task)
-        kept = out / "runs" / profile / task
-        shutil.rmtree(kept, ignore_errors=True)
-        for run in runs:
-            target = kept / run["dir"].name
-            target.mkdir(parents=True)
-            for name in ("config.yaml", "env.json", "summary.json", "metrics.jsonl"):
-                shutil.copy(run["dir"] / name, target / name)
+        copy_records(runs, out / "runs" / profile / task)
         paths.append(out / f"loss_{task}{suffix}.png")
         plot_losses(paths[-1], task, chosen[task], cells, profile)
     if not chosen:

@@ -26,6 +26,7 @@ PAPER_ROWS = {
     "mora-r256": ("MoRA", 256, 639_433_088, (41.6, 100, 100, 100)),
 }
 METHOD_NAMES = {"fft": "FFT", "lora": "LoRA", "mora": "MoRA"}
+COLOURS = {"FFT": "black", "LoRA": "C0", "MoRA (sharing)": "C1", "MoRA (rope)": "C2"}  # per method / operator
 CSV_COLUMNS = ("source", "method", "rank", "trainable_params", "step", "char_acc", "seed")
 
 
@@ -163,6 +164,13 @@ def _curve(run: dict[str, Any], key: str) -> tuple[list[int], list[float]]:
     return steps, [values[s] for s in steps]
 
 
+def line_style(cell: str, summary: dict[str, Any]) -> tuple[str, str]:
+    """(colour, line style) of a cell's curves and bands: one colour per method / operator, one style per paper
+    rank (dashed: the paper's r = 8 cells, solid: r = 256 and FFT)."""
+    colour = COLOURS.get(method_label(summary), "C7")
+    return colour, "--" if cell.split("-")[1:2] == ["r8"] else "-"
+
+
 def plot(path: Path, chosen: dict[str, list[dict[str, Any]]], profile: str) -> None:
     import matplotlib
 
@@ -170,29 +178,24 @@ def plot(path: Path, chosen: dict[str, list[dict[str, Any]]], profile: str) -> N
     import matplotlib.pyplot as plt
 
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    styles = {
-        "fft": "k-",
-        "lora-r8": "C0--",
-        "mora-r8": "C1--",
-        "lora-r256": "C0-",
-        "mora-r256": "C1-",
-        "mora-r256-rope": "C2-",
-    }
     for cell, group in chosen.items():
         s = group[0]["summary"]
         label = method_label(s) + (f" r={s['rank']}" if s["rank"] else "")
+        colour, style = line_style(cell, s)
         for ax, key in ((ax_acc, "eval/char_acc"), (ax_loss, "train/loss")):
             curves = [_curve(run, key) for run in group]
             steps = curves[0][0]
             values = [[c[1][i] for c in curves if i < len(c[1])] for i in range(len(steps))]
             mean = [statistics.mean(v) for v in values]
-            ax.plot(steps, mean, styles.get(cell, "-"), label=label, marker="o" if key == "eval/char_acc" else None)
+            marker = "o" if key == "eval/char_acc" else None
+            ax.plot(steps, mean, style, color=colour, label=label, marker=marker)
             if len(group) > 1:
                 spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
                 ax.fill_between(
                     steps,
                     [m - d for m, d in zip(mean, spread, strict=True)],
                     [m + d for m, d in zip(mean, spread, strict=True)],
+                    color=colour,
                     alpha=0.15,
                 )
     ax_acc.set(xlabel="step", ylabel="character-level accuracy (%)", title=f"UUID memorization ({profile})")
