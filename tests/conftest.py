@@ -15,21 +15,27 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def small_llama(seed: int = 0, **config) -> LlamaForCausalLM:
+    """A random-init LLaMA from a seed: 2 layers, 24 wide, GQA k/v (24 -> 12), MLP 24 -> 40 -> 24, vocab 50, unless
+    `config` says otherwise (LlamaConfig fields)."""
+    torch.manual_seed(seed)
+    defaults = dict(
+        vocab_size=50,
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(LlamaConfig(**{**defaults, **config}))
+
+
 @pytest.fixture
 def tiny_llama():
     """A 2-layer LLaMA whose shapes hit the edge cases: 24 -> 24, 24 -> 12 (GQA k/v), 24 -> 40, 40 -> 24."""
 
     def make(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-        torch.manual_seed(seed)
-        config = LlamaConfig(
-            vocab_size=50,
-            hidden_size=24,
-            intermediate_size=40,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        return LlamaForCausalLM(config).to(dtype).eval()
+        return small_llama(seed).to(dtype).eval()
 
     return make

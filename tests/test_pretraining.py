@@ -11,7 +11,6 @@ import socket
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutput
 
 from experiments.reproduce import main, runs
@@ -26,7 +25,7 @@ from mora.tasks.tokenizer import fixture_bpe
 from mora.training.run import run as train_run
 from mora.training.run import validate
 from scripts.smoke import check_run_folder, smoke_overrides
-from tests.conftest import LLAMA_TARGETS
+from tests.conftest import LLAMA_TARGETS, small_llama
 
 FIXTURE = "tests/fixtures/c4.jsonl"
 EMBHEAD = ["embed_tokens", "lm_head", "norm", "input_layernorm", "post_attention_layernorm"]
@@ -180,16 +179,9 @@ def test_perplexity_over_two_processes_equals_one_process(tmp_path):
 
 
 def _llama(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=32,
+    return small_llama(
+        seed, vocab_size=64, hidden_size=32, intermediate_size=48, num_key_value_heads=4, max_position_embeddings=32
     )
-    return LlamaForCausalLM(config)
 
 
 def _pretrain_model(method, **extra):

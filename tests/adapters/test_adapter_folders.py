@@ -5,22 +5,17 @@ and what is wrong; a healthy folder, another method's folder and a hub id are le
 import json
 
 import pytest
-import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import mora
 from mora import MoraAdapterError
+from tests.conftest import small_llama
 
 TARGETS = ["q_proj", "up_proj"]
 
 
 def _base(hidden=24):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=50, hidden_size=hidden, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4
-    )
-    return LlamaForCausalLM(config)
+    return small_llama(hidden_size=hidden, num_hidden_layers=1, num_key_value_heads=4, max_position_embeddings=2048)
 
 
 @pytest.fixture

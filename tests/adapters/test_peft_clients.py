@@ -16,28 +16,21 @@ from peft import (
     inject_adapter_in_model,
     set_peft_model_state_dict,
 )
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import mora
 from mora.adapters.mora import COMPRESSIONS
 from mora.adapters.peft_tuner.config import LORA_ONLY_OPTIONS
+from tests.conftest import small_llama
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2, 8, 4]])
 
 
 def _base(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=50,
-        hidden_size=24,
-        intermediate_size=40,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
+    return small_llama(
+        seed, num_hidden_layers=1, num_key_value_heads=4, max_position_embeddings=32, tie_word_embeddings=False
+    ).eval()
 
 
 def _saved(tmp_path, compression, name="adapter", seed=1, **kwargs):

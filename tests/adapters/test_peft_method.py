@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import mora
 from mora.adapters.mora import COMPRESSIONS, delta
 from mora.adapters.peft_tuner import MoraLayer, MoraLinear, registry
-from tests.conftest import LLAMA_TARGETS
+from tests.conftest import LLAMA_TARGETS, small_llama
 
 TOKENS = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
 LLAMA_OPERATORS = [c for c in COMPRESSIONS if c not in ("truncation", "sharing_chunked", "sharing_chunked_in")]
@@ -115,18 +115,7 @@ def test_weights_file_holds_M_once(tiny_llama, tmp_path):
 
 def test_loading_onto_a_model_of_other_shapes_fails_clearly(tiny_llama, tmp_path):
     get_peft_model(tiny_llama(), _config("sharing")).save_pretrained(tmp_path)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    other = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=50,
-            hidden_size=32,
-            intermediate_size=40,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
+    other = small_llama(hidden_size=32, max_position_embeddings=2048)
     with pytest.raises(ValueError, match="MoRA adapter does not fit this model.*needs"):
         PeftModel.from_pretrained(other, tmp_path)
 
