@@ -50,7 +50,7 @@ lint: $(STAMP) ## ruff check + format check
 reproduce-table1: $(STAMP) ## Tables 1, 6, 7: PROFILE=tiny|paper, SEEDS="0 1 2", TASKS=, CELLS=, SET=, LAUNCHER=, NPROC=, DRY_RUN=1 -> results/table1/
 	$(PY) experiments/reproduce.py table1 $(REPRODUCE_ARGS) --seeds $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),0 1 2))
 
-reproduce-table2: $(STAMP) ## Table 2 (UUID memorization): PROFILE=tiny|paper, SEEDS="0 1 2" or SEED=0 -> results/table2/
+reproduce-table2: $(STAMP) ## Table 2 (UUID memorization): PROFILE=tiny|gpu|paper, SEEDS="0 1 2" or SEED=0 -> results/table2/
 	$(PY) experiments/reproduce.py table2 $(REPRODUCE_ARGS) --seeds $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),0 1 2))
 
 reproduce-table3: $(STAMP) ## Table 3, Figs. 4-5 (C4 pretraining from scratch): PROFILE=tiny|paper, SEEDS="0 1 2" -> results/table3/

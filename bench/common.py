@@ -1,8 +1,10 @@
-"""Shared pieces of the benchmarks: interleaved median timing, FLOP floors, and writing results/bench/."""
+"""Shared pieces of the benchmarks: interleaved median timing (wall clock on CPU, CUDA events on a GPU), FLOP
+floors, and writing results/bench/ (or another folder)."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
@@ -22,23 +24,43 @@ RESULTS = REPO_ROOT / "results" / "bench"
 LLAMA_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 
 
-def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds one call of fn takes: the wall clock on CPU; on CUDA, events recorded around it on the stream, read
+    after a synchronisation (the call's kernels, not the time Python took to queue them)."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3
+
+
+def interleaved_times(
+    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1, device: torch.device | None = None
+) -> dict[str, list[float]]:
     """Seconds of each function per round, timing them round-robin so drift in the machine hits all alike."""
+    device = device or torch.device("cpu")
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed(fn, device))
     return times
 
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
+def interleaved_medians(
+    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1, device: torch.device | None = None
+) -> dict[str, float]:
     """Median seconds of each function, timed round-robin."""
-    return {name: statistics.median(ts) for name, ts in interleaved_times(fns, repeats, warmup).items()}
+    return {name: statistics.median(ts) for name, ts in interleaved_times(fns, repeats, warmup, device).items()}
 
 
 def paired_ratios(times: dict[str, list[float]], baseline: str) -> dict[str, float]:
@@ -107,13 +129,28 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{_STATUS} has no {field}")
 
 
-def machine() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+def commit() -> tuple[str, bool | None]:
+    """(commit, uncommitted changes?) of the checkout; on a copy without .git (a remote node), MORA_COMMIT names the
+    commit it was copied from, and whether it had changes is unknown (None)."""
 
+    def git(*args: str) -> str:
+        try:
+            result = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True)
+        except FileNotFoundError:  # no git on the node
+            return ""
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    head = git("rev-parse", "HEAD")
+    if not head:
+        return os.environ.get("MORA_COMMIT", "unknown"), None
+    return head, bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"))
+
+
+def machine() -> dict[str, Any]:
+    head, dirty = commit()
     return {
-        "commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results")),
+        "commit": head,
+        "git_dirty": dirty,
         "platform": platform.platform(),
         "processor": platform.processor(),
         "threads": torch.get_num_threads(),
@@ -122,16 +159,18 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write(name: str, payload: dict[str, Any], table: str) -> list[Path]:
-    """Print the Markdown table and write results/bench/<name>.json (with the machine) and <name>.md."""
+def write(name: str, payload: dict[str, Any], table: str, out: Path = RESULTS, quiet: bool = False) -> list[Path]:
+    """Print the Markdown table and write <out>/<name>.json (with the machine) and <name>.md."""
     info = machine()
+    changes = {True: " (with uncommitted changes)", False: "", None: " (copied without .git: changes unknown)"}
     table += (
-        f"\nMeasured at commit {info['commit'][:7]}{' (with uncommitted changes)' if info['git_dirty'] else ''}, "
+        f"\nMeasured at commit {info['commit'][:7]}{changes[info['git_dirty']]}, "
         f"torch {info['torch']}, {info['threads']} threads, {info['device']}.\n"
     )
-    print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    paths = [RESULTS / f"{name}.json", RESULTS / f"{name}.md"]
+    if not quiet:
+        print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.json", out / f"{name}.md"]
     paths[0].write_text(json.dumps({"machine": info, **payload}, indent=2))
     paths[1].write_text(table)
     return paths

@@ -5,6 +5,10 @@ beside each variant's FLOP floor.
 
     python bench/layer.py                       # LLaMA-7B shapes, 2x256 and 1x2048 tokens, float32
     python bench/layer.py --tokens 2x256 1x2048 --dtype bfloat16 --repeats 5
+    python bench/layer.py --device cuda --dtype bfloat16 --operators sharing rope --baselines lora --repeats 50 \
+        --warmup 5 --out DIR                  # one GPU, CUDA-event timing (scripts/gpu_check.py runs this)
+
+Results are rewritten after every shape x tokens, so a run stopped at a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -22,7 +26,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import LLAMA_SHAPES, floor_ratio, interleaved_times, paired_ratios, write  # noqa: E402
+from bench.common import (  # noqa: E402
+    LLAMA_SHAPES,
+    RESULTS,
+    floor_ratio,
+    interleaved_times,
+    paired_ratios,
+    write,
+)
 from mora import MoraConfig  # noqa: E402
 from mora.adapters.mora import COMPRESSIONS  # noqa: E402
 from mora.adapters.peft_tuner import MoraLinear  # noqa: E402
@@ -30,19 +41,31 @@ from mora.adapters.peft_tuner import MoraLinear  # noqa: E402
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def variants(d_in: int, d_out: int, dtype: torch.dtype, ranks: list[int], operators: list[str]) -> dict:
+BASELINES = ("lora", "dora")
+
+
+def variants(
+    d_in: int,
+    d_out: int,
+    dtype: torch.dtype,
+    ranks: list[int],
+    operators: list[str],
+    baselines: tuple[str, ...] = BASELINES,
+    device: torch.device | None = None,
+) -> dict:
     """name -> (module, method, r, r_hat)"""
     torch.manual_seed(0)
     base = nn.Linear(d_in, d_out, bias=False, dtype=dtype).requires_grad_(False)
     out = {"base": (base, "base", 0, None)}
-    for r in ranks:
+    for r in ranks if "lora" in baselines else []:
         config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0)
         lora = LoraLinear(copy.deepcopy(base), "default", config, r=r, lora_alpha=2 * r)
         nn.init.normal_(lora.lora_B["default"].weight, std=0.01)
         out[f"lora r={r}"] = (lora.to(dtype), "lora", r, None)
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, use_dora=True)
-    dora = LoraLinear(copy.deepcopy(base), "default", config, r=8, lora_alpha=16)
-    out["dora r=8"] = (dora.to(dtype), "dora", 8, None)
+    if "dora" in baselines:
+        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, use_dora=True)
+        dora = LoraLinear(copy.deepcopy(base), "default", config, r=8, lora_alpha=16)
+        out["dora r=8"] = (dora.to(dtype), "dora", 8, None)
     for op in operators:
         for r in ranks:
             try:
@@ -50,13 +73,14 @@ def variants(d_in: int, d_out: int, dtype: torch.dtype, ranks: list[int], operat
             except ValueError:
                 continue  # the operator refuses this shape (e.g. truncation with r_hat > min(d_in, d_out))
             out[f"{op} r={r}"] = (layer.to(dtype), op, r, layer.mora_r_hat["default"])
-    return out
+    return {name: (module.to(device), *rest) for name, (module, *rest) in out.items()}
 
 
-def bench_shape(d_in, d_out, batch, seq, dtype, ranks, operators, repeats):
-    layers = variants(d_in, d_out, dtype, ranks, operators)
-    x = torch.randn(batch, seq, d_in, dtype=dtype, requires_grad=True)
-    grad = torch.randn(batch, seq, d_out, dtype=dtype)
+def bench_shape(d_in, d_out, batch, seq, dtype, ranks, operators, repeats, baselines=BASELINES, device=None, warmup=1):
+    device = device or torch.device("cpu")
+    layers = variants(d_in, d_out, dtype, ranks, operators, baselines, device)
+    x = torch.randn(batch, seq, d_in, dtype=dtype, device=device, requires_grad=True)
+    grad = torch.randn(batch, seq, d_out, dtype=dtype, device=device)
 
     def forward(module):
         return lambda: module(x)
@@ -70,8 +94,8 @@ def bench_shape(d_in, d_out, batch, seq, dtype, ranks, operators, repeats):
 
         return step
 
-    fwd = interleaved_times({n: forward(m) for n, (m, *_) in layers.items()}, repeats)
-    both = interleaved_times({n: forward_backward(m) for n, (m, *_) in layers.items()}, repeats)
+    fwd = interleaved_times({n: forward(m) for n, (m, *_) in layers.items()}, repeats, warmup, device)
+    both = interleaved_times({n: forward_backward(m) for n, (m, *_) in layers.items()}, repeats, warmup, device)
     fwd_ratio, both_ratio = paired_ratios(fwd, "base"), paired_ratios(both, "base")
     rows = []
     for name, (_, method, r, r_hat) in layers.items():
@@ -94,12 +118,14 @@ def bench_shape(d_in, d_out, batch, seq, dtype, ranks, operators, repeats):
     return rows
 
 
-def markdown(rows: list[dict], dtype: str) -> str:
+def markdown(rows: list[dict], dtype: str, device: torch.device) -> str:
+    where = f"CPU threads: {torch.get_num_threads()}" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    timing = "wall clock" if device.type == "cpu" else "CUDA events"
     lines = [
-        f"# Per-layer speed ({dtype}, CPU threads: {torch.get_num_threads()})",
+        f"# Per-layer speed ({dtype}, {where})",
         "",
-        "Ratio of each variant's time to the frozen base layer's in the same round (rounds interleaved in one "
-        "process), median over rounds, with the rounds' range; "
+        f"Ratio of each variant's time ({timing}) to the frozen base layer's in the same round (rounds interleaved "
+        "in one process), median over rounds, with the rounds' range; "
         "`floor` is the forward+backward FLOP floor 1 + extra / (4 d_in d_out) (backward of a frozen base is dx only).",
         "",
         "| shape | tokens | variant | r_hat | fwd ratio | fwd+bwd ratio | rounds (min–max) | floor | gap to floor "
@@ -123,18 +149,26 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 256])
     parser.add_argument("--operators", nargs="+", default=list(COMPRESSIONS), choices=COMPRESSIONS)
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--name", default=None, help="output name under results/bench/ (default layer_<dtype>)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--name", default=None, help="output name (default layer_<dtype>, layer_<dtype>_cuda on a GPU)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="output folder (default results/bench)")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    name = args.name or f"layer_{args.dtype}" + ("_cuda" if device.type == "cuda" else "")
     rows = []
     for shape in args.shapes:
         d_in, d_out = map(int, shape.split("x"))
         for tokens in args.tokens:
             batch, seq = map(int, tokens.split("x"))
-            rows += bench_shape(d_in, d_out, batch, seq, DTYPES[args.dtype], args.ranks, args.operators, args.repeats)
+            sizes = (d_in, d_out, batch, seq, DTYPES[args.dtype], args.ranks, args.operators, args.repeats)
+            rows += bench_shape(*sizes, baselines=tuple(args.baselines), device=device, warmup=args.warmup)
             print(f"done {shape} {tokens}", flush=True)
-    table = markdown(rows, args.dtype)
-    write(args.name or f"layer_{args.dtype}", {"dtype": args.dtype, "rows": rows}, table)
+            payload = {"dtype": args.dtype, "device": str(device), "rows": rows}
+            write(name, payload, markdown(rows, args.dtype, device), args.out, quiet=True)  # kept if stopped later
+    print((args.out / f"{name}.md").read_text())
 
 
 if __name__ == "__main__":

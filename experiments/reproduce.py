@@ -2,6 +2,7 @@
 
     python experiments/reproduce.py table2 --profile tiny --seeds 0 1 2
     python experiments/reproduce.py table1 --profile tiny --tasks metamath --seeds 0
+    python experiments/reproduce.py table2 --profile gpu --seeds 0                    # one GPU, one run at a time
     python experiments/reproduce.py table1 --profile paper --launcher deepspeed_zero2 --nproc 8 --dry-run
 
 The experiment config names the table's tasks (`table.tasks`, a list or one per profile), its cells per profile
@@ -36,8 +37,9 @@ from omegaconf import OmegaConf
 from mora.paths import CONFIG_DIR, REPO_ROOT
 from mora.training.run import config_hash
 
-PROFILES = ("tiny", "paper")
+PROFILES = ("tiny", "gpu", "paper")
 IN_PROCESS = "in-process"
+DEFAULT_LAUNCHER = {"tiny": IN_PROCESS, "gpu": "local", "paper": "deepspeed_zero2"}  # gpu: one GPU, a process a run
 LAUNCHERS = (IN_PROCESS, "local", "ddp", "deepspeed_zero2", "deepspeed_zero3")
 CELL_KEYS = ("r", "alpha", "compression", "loraplus_ratio")
 
@@ -200,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--tasks", nargs="+", help="run only these of the table's tasks (e.g. metamath)")
     parser.add_argument("--cells", nargs="+", help="run only these cells (rows), e.g. lora-r8 mora-r8")
-    parser.add_argument("--launcher", choices=LAUNCHERS, help="default: in-process on tiny, deepspeed_zero2 on paper")
+    parser.add_argument(
+        "--launcher", choices=LAUNCHERS, help="default: in-process (tiny), local (gpu), deepspeed_zero2 (paper)"
+    )
     parser.add_argument("--nproc", type=int, help="processes per node (default: every visible GPU, or 8)")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (in-process only)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="Hydra overrides for every run")
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [c["name"] for c in spec["cells"]]
     if args.cells and not set(args.cells) <= set(names):
         parser.error(f"--cells {sorted(set(args.cells) - set(names))} are not cells of {args.table}; it has {names}")
-    launcher = args.launcher or (IN_PROCESS if args.profile == "tiny" else "deepspeed_zero2")
+    launcher = args.launcher or DEFAULT_LAUNCHER[args.profile]
     root = args.runs or REPO_ROOT / "runs" / args.table / args.profile
     bad = [o for o in args.set if "=" not in o]
     if bad:

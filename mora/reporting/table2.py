@@ -120,7 +120,7 @@ def write_markdown(path: Path, chosen: dict[str, list[dict[str, Any]]], profile:
         "",
         *(
             [f"Every cell starts from the base model trained in `runs/{profile}/base/` (see its config.yaml).", ""]
-            if any(r["config"]["model"].get("pretrained") for g in chosen.values() for r in g) and profile == "tiny"
+            if any(r["config"]["model"].get("pretrained") for g in chosen.values() for r in g) and profile != "paper"
             else []
         ),
         "| Method | paper rank | paper "

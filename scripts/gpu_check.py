@@ -1,0 +1,224 @@
+"""The one prepared check for a single GPU (about 10 minutes): environment, per-layer and merge benchmarks in bf16 at
+LLaMA-7B's shapes with CUDA-event timing, and Table 2's `gpu` profile for one seed.
+
+    bash scripts/gpu_check.sh OUT              # on the GPU node, in the checkout (after the wheelhouse install)
+    bash scripts/gpu_check.sh OUT --dry        # on CPU, tiny sizes, in seconds: what the tests run
+
+It writes at most 8 files into OUT and no folders, each stamped with the commit and the device, so that they are
+easy to collect from a remote node: gpu_check.json / .md (environment, every part's status and time), layer.json /
+.md (base, LoRA r = 8 / 256, MoRA sharing / rope at r = 8 / 256: forward and forward + backward), merge.json / .md
+(merging MoRA into the weight), table2.json / .md (every run of the `gpu` profile and the table). Each part runs in
+its own process group with its own time budget (--layer-s, --merge-s, --table2-s); a part stopped at its budget keeps
+what it wrote so far (the benchmarks rewrite their files after every case; the table is made from the runs that
+finished). Off a git checkout, MORA_COMMIT names the commit the copy came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "hydra-core", "omegaconf", "numpy")
+# the dry run's Table 2: the gpu profile's configs and runner at a size a CPU does in seconds
+DRY_TABLE2 = [
+    "model.config.hidden_size=32",
+    "model.config.intermediate_size=64",
+    "model.config.num_hidden_layers=1",
+    "model.config.num_attention_heads=2",
+    "model.config.num_key_value_heads=2",
+    "task.n_pairs=8",
+    "train.global_batch=4",
+    "train.micro_batch=4",
+    "train.steps=2",
+    "train.eval_steps=[2]",
+    "train.log_every=1",
+    "train.mixed_precision=null",
+]
+
+
+def environment(dry: bool) -> dict[str, Any]:
+    import torch
+
+    from bench.common import commit
+
+    head, dirty = commit()
+    env: dict[str, Any] = {
+        "commit": head,
+        "git_dirty": dirty,
+        "dry": dry,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "versions": {},
+        "cuda": torch.version.cuda,
+        "device": "cpu",
+    }
+    for name in PACKAGES:
+        try:
+            env["versions"][name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            env["versions"][name] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(
+            device=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_gib=round(props.total_memory / 2**30, 1),
+            multiprocessors=props.multi_processor_count,
+            visible_gpus=torch.cuda.device_count(),
+        )
+    if shutil.which("nvidia-smi"):
+        query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit"
+        result = subprocess.run(["nvidia-smi", query, "--format=csv,noheader"], capture_output=True, text=True)
+        env["nvidia_smi"] = result.stdout.strip() or result.stderr.strip()
+    return env
+
+
+def run_part(name: str, cmd: list[str], budget_s: float) -> dict[str, Any]:
+    """Run one part in its own process group; at its budget the whole group is stopped (a table run's training
+    processes too). Its output goes to this process's."""
+    print(f"== {name} (budget {budget_s:.0f} s): {' '.join(cmd[1:])}", flush=True)
+    start = time.monotonic()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, start_new_session=True)
+    try:
+        code = proc.wait(timeout=budget_s)
+        status = "finished" if code == 0 else f"failed (exit code {code})"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        status = "stopped at its budget"
+    wall = time.monotonic() - start
+    print(f"== {name}: {status} after {wall:.0f} s", flush=True)
+    return {"status": status, "wall_s": round(wall, 1), "budget_s": budget_s, "command": cmd[1:]}
+
+
+def bench_commands(out: Path, dry: bool) -> dict[str, list[str]]:
+    py = sys.executable
+    if dry:
+        sizes = ["--device", "cpu", "--dtype", "float32", "--shapes", "64x96", "96x64", "--ranks", "2", "8"]
+        layer = [py, "bench/layer.py", *sizes, "--tokens", "1x16", "--repeats", "2", "--warmup", "1"]
+        merge = [py, "bench/merge.py", *sizes[:4], "--shapes", "64x96", "--ranks", "2", "8", "--repeats", "2"]
+    else:
+        sizes = ["--device", "cuda", "--dtype", "bfloat16", "--ranks", "8", "256"]
+        layer = [py, "bench/layer.py", *sizes, "--tokens", "1x2048", "8x2048", "--repeats", "30", "--warmup", "5"]
+        merge = [py, "bench/merge.py", *sizes, "--repeats", "20"]
+    ops = ["--operators", "sharing", "rope"]
+    return {
+        "layer": [*layer, *ops, "--baselines", "lora", "--name", "layer", "--out", str(out)],
+        "merge": [*merge, *ops, "--name", "merge", "--out", str(out)],
+    }
+
+
+def table2_part(out: Path, runs: Path, scratch: Path, budget_s: float, dry: bool) -> dict[str, Any]:
+    """Table 2's gpu profile for seed 0 through the table runner (one process per run), then table2.md from the
+    runs that finished and table2.json with every run's figures (the runner's own tables go to scratch)."""
+    cmd = [sys.executable, "experiments/reproduce.py", "table2", "--profile", "gpu", "--seeds", "0"]
+    cmd += ["--runs", str(runs), "--out", str(scratch / "reproduce")]
+    if dry:
+        cmd += ["--cells", "fft", "lora-r8", "mora-r8", "--set", *DRY_TABLE2]
+    part = run_part("table2", cmd, budget_s)
+    summaries = []
+    for path in sorted(runs.glob("*/summary.json")):
+        s = json.loads(path.read_text())
+        keep = ("method", "rank", "lr", "seed", "status", "steps", "wall_s", "trainable_params", "evals")
+        summaries.append({"run": path.parent.name, **{k: s.get(k) for k in keep}})
+    part["runs"] = summaries
+    finished = [s for s in summaries if s["status"] == "finished" and s["run"] != "base"]
+    if finished:
+        from experiments.reproduce import experiment
+        from mora.reporting.table2 import write_results
+
+        cells = experiment("table2", "gpu")["cells"]
+        md = write_results(runs, scratch / "report", "gpu", cells)[0]
+        shutil.copy(md, out / "table2.md")
+    else:
+        (out / "table2.md").write_text("# Table 2, gpu profile\n\nNo run finished within the budget.\n")
+    (out / "table2.json").write_text(json.dumps(part, indent=2))
+    return {k: v for k, v in part.items() if k != "runs"} | {"runs_finished": len(finished)}
+
+
+def markdown(env: dict[str, Any], parts: dict[str, dict[str, Any]]) -> str:
+    dirty = {True: " (with uncommitted changes)", False: "", None: " (copied without .git)"}[env["git_dirty"]]
+    lines = [
+        f"# GPU check{' (dry run on CPU)' if env['dry'] else ''}: {env['device']}",
+        "",
+        f"Commit {env['commit'][:12]}{dirty}; Python {env['python']}; CUDA {env['cuda']}; {env['platform']}.",
+        "",
+        "| package | version |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in env["versions"].items()),
+        "",
+        *([f"nvidia-smi: {env['nvidia_smi']}", ""] if env.get("nvidia_smi") else []),
+        "| part | status | wall (s) | budget (s) | files |",
+        "|---|---|---|---|---|",
+    ]
+    for name, part in parts.items():
+        extra = f" ({part['runs_finished']} runs finished)" if "runs_finished" in part else ""
+        files = f"{name}.json, {name}.md"
+        lines.append(f"| {name} | {part['status']}{extra} | {part['wall_s']} | {part['budget_s']:.0f} | {files} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="the folder for the result files (created; at most 8 files)")
+    parser.add_argument("--dry", action="store_true", help="CPU, tiny sizes, seconds")
+    parser.add_argument("--runs", type=Path, help="Table 2 run folders (default runs/table2/gpu; dry: a temporary one)")
+    parser.add_argument("--layer-s", type=float, default=100.0, help="time budget of the per-layer benchmark")
+    parser.add_argument("--merge-s", type=float, default=45.0, help="time budget of the merge benchmark")
+    parser.add_argument("--table2-s", type=float, default=420.0, help="time budget of Table 2 (gpu profile, seed 0)")
+    args = parser.parse_args(argv)
+    for name in ("layer_s", "merge_s", "table2_s"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: a budget is a positive number of seconds")
+    if args.out.exists() and any(args.out.iterdir()):
+        parser.error(f"{args.out} is not empty; give a new or empty folder (nothing is overwritten)")
+    import torch
+
+    if not args.dry and not torch.cuda.is_available():
+        parser.error("no CUDA device is visible to torch; run on a GPU node, or pass --dry for the CPU check")
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out.resolve()
+    env = environment(args.dry)
+    print(json.dumps(env, indent=2), flush=True)
+    parts: dict[str, dict[str, Any]] = {}
+
+    def report() -> None:  # rewritten after every part, so that a check killed from outside still says where it was
+        (out / "gpu_check.json").write_text(json.dumps({"environment": env, "parts": parts}, indent=2))
+        (out / "gpu_check.md").write_text(markdown(env, parts))
+
+    report()
+    commands = bench_commands(out, args.dry)
+    parts["layer"] = run_part("layer", commands["layer"], args.layer_s)
+    report()
+    parts["merge"] = run_part("merge", commands["merge"], args.merge_s)
+    report()
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = args.runs or (Path(tmp) / "runs" if args.dry else REPO_ROOT / "runs" / "table2" / "gpu")
+        parts["table2"] = table2_part(out, runs.resolve(), Path(tmp), args.table2_s, args.dry)
+    report()
+    print((out / "gpu_check.md").read_text(), flush=True)
+    return 0 if all(p["status"] == "finished" for p in parts.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
