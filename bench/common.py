@@ -130,8 +130,10 @@ def _status_kib(field: str) -> int:
 
 
 def commit() -> tuple[str, bool | None]:
-    """(commit, uncommitted changes?) of the checkout; on a copy without .git (a remote node), MORA_COMMIT names the
-    commit it was copied from, and whether it had changes is unknown (None)."""
+    """(commit, uncommitted changes?) of the checkout. MORA_COMMIT, where set, names the commit a copied tree came
+    from (a remote node's copy may lack .git or carry a stale one), and whether it had changes is unknown (None)."""
+    if os.environ.get("MORA_COMMIT"):
+        return os.environ["MORA_COMMIT"], None
 
     def git(*args: str) -> str:
         try:
@@ -142,7 +144,7 @@ def commit() -> tuple[str, bool | None]:
 
     head = git("rev-parse", "HEAD")
     if not head:
-        return os.environ.get("MORA_COMMIT", "unknown"), None
+        return "unknown", None
     return head, bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"))
 
 

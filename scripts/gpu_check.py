@@ -10,7 +10,7 @@ easy to collect from a remote node: gpu_check.json / .md (environment, every par
 (merging MoRA into the weight), table2.json / .md (every run of the `gpu` profile and the table). Each part runs in
 its own process group with its own time budget (--layer-s, --merge-s, --table2-s); a part stopped at its budget keeps
 what it wrote so far (the benchmarks rewrite their files after every case; the table is made from the runs that
-finished). Off a git checkout, MORA_COMMIT names the commit the copy came from.
+finished). MORA_COMMIT, where set, names the commit a copied checkout came from.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def run_part(name: str, cmd: list[str], budget_s: float) -> dict[str, Any]:
     processes too). Its output goes to this process's."""
     print(f"== {name} (budget {budget_s:.0f} s): {' '.join(cmd[1:])}", flush=True)
     start = time.monotonic()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    path = os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH"))))  # the checkout's mora,
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}  # installed or not
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, start_new_session=True)
     try:
         code = proc.wait(timeout=budget_s)
@@ -128,18 +129,22 @@ def bench_commands(out: Path, dry: bool) -> dict[str, list[str]]:
     }
 
 
-def table2_part(out: Path, runs: Path, scratch: Path, budget_s: float, dry: bool) -> dict[str, Any]:
+def table2_part(
+    out: Path, runs: Path, scratch: Path, budget_s: float, dry: bool, cells: list[str] | None
+) -> dict[str, Any]:
     """Table 2's gpu profile for seed 0 through the table runner (one process per run), then table2.md from the
     runs that finished and table2.json with every run's figures (the runner's own tables go to scratch)."""
     cmd = [sys.executable, "experiments/reproduce.py", "table2", "--profile", "gpu", "--seeds", "0"]
     cmd += ["--runs", str(runs), "--out", str(scratch / "reproduce")]
-    if dry:
-        cmd += ["--cells", "fft", "lora-r8", "mora-r8", "--set", *DRY_TABLE2]
+    cells = cells or (["fft", "lora-r8", "mora-r8"] if dry else None)
+    cmd += ["--cells", *cells] if cells else []
+    cmd += ["--set", *DRY_TABLE2] if dry else []
     part = run_part("table2", cmd, budget_s)
     summaries = []
     for path in sorted(runs.glob("*/summary.json")):
         s = json.loads(path.read_text())
-        keep = ("method", "rank", "lr", "seed", "status", "steps", "wall_s", "trainable_params", "evals")
+        keep = ("method", "rank", "lr", "seed", "status", "steps", "tokens", "tokens_per_s", "wall_s", "evals")
+        keep += ("trainable_params", "error")
         summaries.append({"run": path.parent.name, **{k: s.get(k) for k in keep}})
     part["runs"] = summaries
     finished = [s for s in summaries if s["status"] == "finished" and s["run"] != "base"]
@@ -186,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer-s", type=float, default=100.0, help="time budget of the per-layer benchmark")
     parser.add_argument("--merge-s", type=float, default=45.0, help="time budget of the merge benchmark")
     parser.add_argument("--table2-s", type=float, default=420.0, help="time budget of Table 2 (gpu profile, seed 0)")
+    parser.add_argument("--cells", nargs="+", help="only these Table 2 cells (default: all; dry: fft lora-r8 mora-r8)")
     args = parser.parse_args(argv)
     for name in ("layer_s", "merge_s", "table2_s"):
         if getattr(args, name) <= 0:
@@ -214,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     report()
     with tempfile.TemporaryDirectory() as tmp:
         runs = args.runs or (Path(tmp) / "runs" if args.dry else REPO_ROOT / "runs" / "table2" / "gpu")
-        parts["table2"] = table2_part(out, runs.resolve(), Path(tmp), args.table2_s, args.dry)
+        parts["table2"] = table2_part(out, runs.resolve(), Path(tmp), args.table2_s, args.dry, args.cells)
     report()
     print((out / "gpu_check.md").read_text(), flush=True)
     return 0 if all(p["status"] == "finished" for p in parts.values()) else 1

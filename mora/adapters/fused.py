@@ -40,6 +40,15 @@ class _FusedMoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        # The forward ran without autocast (the layer casts its inputs first), so the backward must too. A backward
+        # called inside an autocast region runs under it (CUDA: on torch 2.11 the engine's device thread takes the
+        # caller's state; CPU: the caller's thread), where autocast re-types the out-of-place ops (`@` to bf16,
+        # CUDA's `sum` to fp32) but not the in-place ones, and the mixed GEMMs then fail: seen on an H200 (LOG.md).
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _FusedMoraLinear._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: Tensor):
         h, weight, M, cos, sin = ctx.saved_tensors
         want_x, want_h, _, want_b, want_M = ctx.needs_input_grad[:5]  # the weight is frozen
         tables = None if cos is None else (cos, sin)

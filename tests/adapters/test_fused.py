@@ -162,3 +162,19 @@ def test_fused_function_refuses_a_trainable_weight():
     weight = torch.zeros(4, 4, requires_grad=True)
     with pytest.raises(ValueError, match="frozen base weight"):
         fused_mora_linear(torch.zeros(2, 4), torch.zeros(2, 4), weight, None, torch.zeros(2, 2), "sharing")
+
+
+@pytest.mark.parametrize("compression", ["rope", "sharing"])
+def test_backward_under_an_autocast_region_computes_as_the_forward_did(compression):
+    # a backward called inside autocast runs under it (the engine's training loop does so; on CUDA even in the
+    # device thread): the fused backward must still compute in the forward's dtype, exactly as without autocast
+    layer = _layer(compression, 64, 200, 4).float()  # d_out > r_hat: the tiles fold (CUDA autocast's fp32 `sum`)
+    x = torch.randn(300, 64, requires_grad=True)
+    grad = torch.randn(300, 200)
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "_FusedMoraLinearBackward"
+    want = torch.autograd.grad(out, (x, layer.mora_M["default"]), grad, retain_graph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.autograd.grad(out, (x, layer.mora_M["default"]), grad)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
