@@ -23,7 +23,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-fast lint reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 smoke prefetch bench inspect clean
+.PHONY: help install test test-fast lint reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 smoke prefetch bench inspect wheelhouse gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-20s %s\n", $$1, $$2}'
@@ -71,6 +71,12 @@ bench: $(STAMP) ## speed and memory benchmarks -> results/bench/ (about 65 min o
 	$(PY) bench/merge.py
 	$(PY) bench/model.py
 	$(PY) bench/table2_time.py
+
+wheelhouse: $(STAMP) ## on a networked machine: wheels of the lock except torch -> wheelhouse/ (WHEELHOUSE_ARGS="--python-version 3.12 --only ...")
+	$(PY) scripts/wheelhouse.py $(WHEELHOUSE_ARGS)
+
+gpu-check: ## on one GPU: environment, bf16 layer/merge benchmarks, Table 2 gpu profile -> OUT=folder (DRY=1: CPU, tiny)
+	bash scripts/gpu_check.sh $(if $(OUT),$(OUT),$(error set OUT=folder for the result files)) $(if $(DRY),--dry)
 
 inspect: $(STAMP) ## per-layer r_hat and parameters, e.g. make inspect ARGS="model=llama2_7b adapter=mora adapter.r=8"
 	$(PY) -m mora.inspect $(ARGS)

@@ -140,8 +140,8 @@ def markdown(rows: list[dict], dtype: str, where: str) -> str:
     ]
     for row in rows:
         lines.append(
-            f"| {row['shape']} | {row['operator']} | {row['r']} | {row['r_hat']} | {1e3 * row['copy_s']:.1f} | "
-            f"{1e3 * row['delta_weight_s']:.1f} | {1e3 * row['merge_s']:.1f} | {row['merge_over_copy']:.2f} | "
+            f"| {row['shape']} | {row['operator']} | {row['r']} | {row['r_hat']} | {1e3 * row['copy_s']:.3f} | "
+            f"{1e3 * row['delta_weight_s']:.3f} | {1e3 * row['merge_s']:.3f} | {row['merge_over_copy']:.2f} | "
             f"{row['peak_extra_over_weight']:.2f} |"
         )
     return "\n".join(lines) + "\n"

@@ -117,7 +117,7 @@ def bench_commands(out: Path, dry: bool) -> dict[str, list[str]]:
     if dry:
         sizes = ["--device", "cpu", "--dtype", "float32", "--shapes", "64x96", "96x64", "--ranks", "2", "8"]
         layer = [py, "bench/layer.py", *sizes, "--tokens", "1x16", "--repeats", "2", "--warmup", "1"]
-        merge = [py, "bench/merge.py", *sizes[:4], "--shapes", "64x96", "--ranks", "2", "8", "--repeats", "2"]
+        merge = [py, "bench/merge.py", *sizes[:4], "--shapes", "64x96", "--ranks", "8", "--repeats", "2"]
     else:
         sizes = ["--device", "cuda", "--dtype", "bfloat16", "--ranks", "8", "256"]
         layer = [py, "bench/layer.py", *sizes, "--tokens", "1x2048", "8x2048", "--repeats", "30", "--warmup", "5"]

@@ -8,11 +8,13 @@ Run on a networked machine with the project installed (`make install`): the vers
 environment, i.e. the lock (requirements.txt) and what it resolved to, which CI tests. The closure is read from the
 installed packages' metadata and stops at torch, so the node's own CUDA build of torch (and what it brought, such
 as nvidia-* and triton) is kept. A package published only as source (e.g. antlr4-python3-runtime, deepspeed) is
-built here into a pure-Python wheel. wheelhouse/requirements.txt pins the roots; on the node, in the checkout:
+built here into a pure-Python wheel. wheelhouse/requirements.txt pins every package in the folder; on the node, in
+the checkout:
 
     python -m pip install --no-index --find-links wheelhouse -r wheelhouse/requirements.txt
 
-pip keeps what the node already has where it satisfies the pins' requirements, and takes the rest from the folder.
+pip installs exactly the tested versions (replacing older transformers, accelerate, peft, ... that the node has) and
+leaves the node's torch as it is.
 """
 
 from __future__ import annotations
@@ -107,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     args.dest.mkdir(parents=True, exist_ok=True)
     for name, version in packages.items():
         print(f"{fetch(name, version, args.dest, args.python_version):>10} {name}=={version}", flush=True)
-    pins = "".join(f"{name}=={packages[name]}\n" for name in roots)
+    pins = "".join(f"{name}=={version}\n" for name, version in packages.items())
     (args.dest / "requirements.txt").write_text(
-        f"# the roots of this wheelhouse (scripts/wheelhouse.py, Python {args.python_version}); torch is the node's\n"
-        + pins
+        f"# every package of this wheelhouse (scripts/wheelhouse.py, Python {args.python_version}, roots: "
+        f"{' '.join(roots)}); torch is the node's\n" + pins
     )
     size = sum(p.stat().st_size for p in args.dest.glob("*.whl")) / 2**20
     print(f"{len(packages)} packages, {size:.0f} MiB in {args.dest}; on the node, in the checkout:")

@@ -68,3 +68,25 @@ def test_the_core_install_imports_trains_saves_loads_and_merges(tmp_path, versio
     if versions == "oldest":
         assert result.stdout.split()[1:] == ["2.13.0+cpu", "4.56.2", "0.20.0"]
     print(result.stdout, file=sys.stderr)
+
+
+def test_the_wheelhouse_installs_offline_and_keeps_the_nodes_torch(tmp_path):
+    # a "node": its own torch and an older transformers than the lock; the wheelhouse (built here, for this Python)
+    # installs with --no-index, brings the lock's versions, and leaves torch as it was
+    venv.create(tmp_path / "node", with_pip=True)
+    python = str(tmp_path / "node" / "bin" / "python")
+    _pip(python, "torch==2.13.0", "transformers==4.56.2")
+    house = tmp_path / "wheelhouse"
+    build = [sys.executable, str(REPO_ROOT / "scripts" / "wheelhouse.py"), "--dest", str(house), "--only", "peft"]
+    built = subprocess.run([*build, "hydra-core"], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    wheels = sorted(p.name for p in house.glob("*.whl"))
+    assert not [w for w in wheels if w.startswith(("torch-", "nvidia", "triton"))]
+    assert any(w.startswith("antlr4_python3_runtime-4.9.3-") for w in wheels)  # source-only: built here
+    pins = (house / "requirements.txt").read_text().splitlines()[1:]  # the whole closure, at the versions here
+    assert {"peft==0.21.2", "hydra-core==1.3.8", "transformers==5.23.0", "antlr4-python3-runtime==4.9.3"} <= set(pins)
+    assert len(pins) == len(wheels) and not [p for p in pins if p.startswith("torch==")]
+    _pip(python, "--no-index", "--find-links", str(house), "-r", str(house / "requirements.txt"))
+    check = "import torch, transformers as t, peft, hydra; print(torch.__version__, t.__version__, peft.__version__)"
+    result = subprocess.run([python, "-c", check], capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["2.13.0+cpu", "5.23.0", "0.21.2"], result.stderr[-3000:]

@@ -1,0 +1,110 @@
+"""Table 2's one-GPU profile and the prepared GPU check, kept from rotting on CPU: the profile composes to the sizes
+its config states (model, ratios), its runs go through the launcher, it trains two steps here, and
+scripts/gpu_check.sh --dry writes its files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from mora.adapters.build import build_adapter
+from mora.models import build_model
+from mora.paths import CONFIG_DIR, REPO_ROOT
+from mora.training.run import run
+
+BITS_PER_VALUE = 128  # 32 hex digits
+
+
+def _compose(*overrides):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=["profile=gpu", "experiment=table2", *overrides])
+
+
+def _trainable(cfg) -> int:
+    return build_adapter(build_model(cfg.model, meta=True), cfg.adapter).trainable_parameters()
+
+
+def test_the_gpu_profile_is_a_155m_llama_with_the_paper_ratios_its_config_states():
+    cfg = _compose()
+    model = build_model(cfg.model, meta=True)
+    assert 100e6 <= sum(p.numel() for p in model.parameters()) <= 300e6
+    assert cfg.model.dtype == "float32" and cfg.train.mixed_precision == "bf16"
+    assert cfg.train.global_batch == cfg.train.micro_batch  # one GPU, no accumulation
+    bits = cfg.task.n_pairs * BITS_PER_VALUE
+    cells = {c["name"]: c for c in cfg.grid.gpu}
+    ratios = {}
+    for name in ("lora-r8", "lora-r256", "mora-r8", "mora-r256"):
+        cell = cells[name]
+        overrides = [f"adapter={cell['adapter']}", f"adapter.r={cell['r']}"]
+        overrides += [f"adapter.compression={cell['compression']}"] if "compression" in cell else []
+        ratios[name] = (_trainable(_compose(*overrides)) / bits, cfg.task.n_pairs / cell["r"])
+    # the figures in configs/task_profile/uuid_gpu.yaml
+    assert ratios["lora-r8"][0] == pytest.approx(7.4, abs=0.05) and ratios["lora-r8"][1] == 250
+    assert ratios["lora-r256"][0] == pytest.approx(59, abs=0.5) and ratios["lora-r256"][1] == pytest.approx(31.25)
+    for rank in ("r8", "r256"):  # MoRA at LoRA's budget
+        assert ratios[f"mora-{rank}"][0] == pytest.approx(ratios[f"lora-{rank}"][0], rel=0.01)
+
+
+def test_the_gpu_profile_runs_one_process_per_run_through_the_launcher(capsys):
+    from experiments.reproduce import main
+
+    assert main(["table2", "--profile", "gpu", "--seeds", "0", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 + 9  # the base model, then FFT and 2 LRs x 4 adapter cells
+    assert all(" -m mora.train " in line and "profile=gpu" in line for line in lines)
+    assert "train.steps=200" in lines[0] and "runs/table2/gpu/base/adapter" in lines[1]
+
+
+@pytest.mark.slow
+def test_the_gpu_profile_trains_two_steps_on_cpu(tmp_path):
+    # the whole 155 M model and MoRA r = 64 as configured, only fewer pairs and steps
+    overrides = ["adapter=mora", "adapter.r=64", "adapter.compression=sharing", "task.n_pairs=4"]
+    overrides += ["train.global_batch=2", "train.micro_batch=2", "train.steps=2", "train.eval_steps=[2]"]
+    overrides += ["train.progress=false", "wandb.mode=disabled", f"run.dir={tmp_path / 'run'}"]
+    torch.manual_seed(0)
+    summary = run(_compose(*overrides))
+    assert summary["status"] == "finished" and summary["steps"] == 2
+    assert summary["trainable_params"] == 15_146_688 and summary["model"] == "llama_gpu"
+    assert [e["step"] for e in summary["evals"]] == [2]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_writes_its_files_on_cpu(tmp_path):
+    out = tmp_path / "out"
+    cmd = ["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh"), str(out), "--dry", "--cells", "lora-r8", "mora-r8"]
+    env = {k: v for k, v in os.environ.items() if k != "MORA_COMMIT"} | {"PYTHON": sys.executable}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(f"{n}.{e}" for n in ("gpu_check", "layer", "merge", "table2") for e in ("json", "md"))
+    assert all(p.is_file() and p.stat().st_size < 2**20 for p in out.iterdir())
+    check = json.loads((out / "gpu_check.json").read_text())
+    assert check["environment"]["dry"] and len(check["environment"]["commit"]) == 40
+    assert {name: part["status"] for name, part in check["parts"].items()} == dict.fromkeys(
+        ("layer", "merge", "table2"), "finished"
+    )
+    layer = json.loads((out / "layer.json").read_text())
+    variants = {row["variant"] for row in layer["rows"]}
+    assert variants == {"base", "lora r=2", "lora r=8", "sharing r=2", "sharing r=8", "rope r=2", "rope r=8"}
+    assert layer["machine"]["commit"] == check["environment"]["commit"]
+    runs = json.loads((out / "table2.json").read_text())["runs"]
+    assert {r["run"] for r in runs} == {"base", *(f"{c}-lr{lr:g}-s0" for c in ("lora-r8",) for lr in (1e-3, 3e-3))} | {
+        f"mora-r8-lr{lr:g}-s0" for lr in (3e-4, 1e-3)
+    }
+    assert all(r["status"] == "finished" for r in runs)
+    assert "| LoRA | 8 |" in (out / "table2.md").read_text()
+
+
+def test_gpu_check_refuses_a_folder_with_files_and_writes_nothing(tmp_path):
+    (tmp_path / "old.json").write_text("{}")
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "gpu_check.py"), str(tmp_path), "--dry"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "is not empty" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["old.json"]
