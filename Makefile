@@ -23,7 +23,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-fast lint reproduce-table1 reproduce-table2 reproduce-table3 reproduce-table4 smoke prefetch bench inspect wheelhouse gpu-check clean
+.PHONY: help install test test-fast lint reproduce-table1 reproduce-table2 reproduce-table2-regime reproduce-table3 reproduce-table4 smoke prefetch bench inspect wheelhouse gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-20s %s\n", $$1, $$2}'
@@ -52,6 +52,11 @@ reproduce-table1: $(STAMP) ## Tables 1, 6, 7: PROFILE=tiny|paper, SEEDS="0 1 2",
 
 reproduce-table2: $(STAMP) ## Table 2 (UUID memorization): PROFILE=tiny|gpu|paper, SEEDS="0 1 2" or SEED=0 -> results/table2/
 	$(PY) experiments/reproduce.py table2 $(REPRODUCE_ARGS) --seeds $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),0 1 2))
+
+reproduce-table2-regime: $(STAMP) ## Table 2's regime sweep on CPU (3 widths, SEEDS="0 1", about 40 min) -> results/table2/regime/
+	for point in w64 w128 w256; do \
+		$(PY) experiments/reproduce.py table2_regime_$$point $(REPRODUCE_ARGS) --seeds $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),0 1)) || exit 1; \
+	done
 
 reproduce-table3: $(STAMP) ## Table 3, Figs. 4-5 (C4 pretraining from scratch): PROFILE=tiny|paper, SEEDS="0 1 2" -> results/table3/
 	$(PY) experiments/reproduce.py table3 $(REPRODUCE_ARGS) --seeds $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),0 1 2))

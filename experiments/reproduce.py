@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.table} ({args.profile}): {len(todo)} runs to do in {root}", flush=True)
     execute(todo, launcher, args.nproc, args.jobs)
     reporter = importlib.import_module(f"mora.reporting.{spec['table']['layout']}")
-    out = args.out or REPO_ROOT / "results" / args.table
+    out = args.out or REPO_ROOT / spec["table"].get("out", f"results/{args.table}")  # table.out: a shared folder
     paths = reporter.write_results(root, out, args.profile, spec["cells"], table_tasks)  # every task run so far
     print("wrote " + ", ".join(map(str, paths)))
     return 0

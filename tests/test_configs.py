@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from mora.adapters.build import build_adapter
 from mora.models import build_model
@@ -21,8 +22,12 @@ def _compose(*overrides):
         return compose(config_name="train", overrides=list(overrides))
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-@pytest.mark.parametrize("profile", PROFILES)
+# every experiment under each profile it has a grid for (Table 2's regime sweep: tiny only), and none
+GRIDS = {e: OmegaConf.load(CONFIG_DIR / "experiment" / f"{e}.yaml").grid for e in EXPERIMENTS[1:]}
+RUNNABLE = [(None, p) for p in PROFILES] + [(e, p) for e, grid in GRIDS.items() for p in PROFILES if p in grid]
+
+
+@pytest.mark.parametrize(("experiment", "profile"), RUNNABLE)
 @pytest.mark.parametrize("adapter", ADAPTERS)
 def test_every_composition_validates(experiment, profile, adapter):
     overrides = [f"profile={profile}", f"adapter={adapter}"] + ([f"experiment={experiment}"] if experiment else [])
@@ -93,3 +98,20 @@ def test_model_configs_match_the_authors_pretraining_configs():
 
 def test_paths_exist():
     assert Path(CONFIG_DIR / "train.yaml").is_file()
+
+
+def test_the_regime_sweep_moves_both_ratios_towards_the_papers():
+    # configs/experiment/table2_regime_*.yaml: wider models with more pairs; at each rank, trainable parameters /
+    # bits of the values and pairs / rank both grow from point to point (the paper: 15.6 and 1,250 at r = 8)
+    ratios = {"low": [], "high": []}
+    for point in ("w64", "w128", "w256"):
+        cfg = _compose("profile=tiny", f"experiment=table2_regime_{point}")
+        assert [c["name"] for c in cfg.grid.tiny] == ["lora-r8", "mora-r8", "lora-r256", "mora-r256"]
+        for level, cell in (("low", cfg.grid.tiny[0]), ("high", cfg.grid.tiny[2])):
+            lora = _compose("profile=tiny", f"experiment=table2_regime_{point}", "adapter=lora", f"adapter.r={cell.r}")
+            params = build_adapter(build_model(lora.model, meta=True), lora.adapter).trainable_parameters()
+            ratios[level].append((params / (cfg.task.n_pairs * 128), cfg.task.n_pairs / cell.r))
+    for points in ratios.values():
+        for before, after in zip(points, points[1:], strict=False):
+            assert after[0] > before[0] and after[1] > before[1]
+    assert ratios["low"][-1][0] < 15.6 and ratios["low"][-1][1] < 1250  # towards the paper, not past it
