@@ -32,10 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from mora.launch import first_line
 from mora.paths import CONFIG_DIR, REPO_ROOT
-from mora.training.run import config_hash
+from mora.training.run import config_hash, validate
 
 PROFILES = ("tiny", "gpu", "paper")
 IN_PROCESS = "in-process"
@@ -159,6 +162,18 @@ def finished(run: Run, launch: list[str] | None = None) -> bool:
     return True
 
 
+def check_run(run: Run, launcher: str, nproc: int) -> None:
+    """The run's composed config through the engine's checks (mora.training.run.validate), as its launcher will see
+    it: a bad value in --set or in the experiment config stops the command before any run starts."""
+    overrides = [*launch_overrides(run, launcher, nproc), *run.overrides]
+    cfg = compose_cfg(overrides)
+    world = 1 if launcher in (IN_PROCESS, "local") else int(cfg.launcher.num_processes) * int(cfg.launcher.num_machines)
+    try:
+        validate(cfg, world)
+    except ValueError as error:
+        raise ValueError(f"{error} (run {run.folder.name})") from None
+
+
 def command(run: Run, launcher: str, nproc: int) -> list[str]:
     """The command line of one run outside this process."""
     if launcher in (IN_PROCESS, "local"):
@@ -236,7 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     bad = [o for o in args.set if "=" not in o]
     if bad:
         parser.error(f"--set {bad}: each override is KEY=VALUE, e.g. train.micro_batch=2")
-    todo, base = runs(args.table, args.profile, args.seeds, tasks, root, args.cells, args.set)
+    try:
+        todo, base = runs(args.table, args.profile, args.seeds, tasks, root, args.cells, args.set)
+        for run in ([base] if base else []) + todo:  # every run's config, before the first starts
+            check_run(run, launcher, args.nproc)
+    except (ValueError, HydraException, OmegaConfBaseException) as error:
+        print(f"error: {first_line(error)}", file=sys.stderr)
+        return 2
     if args.dry_run:
         for run in ([base] if base else []) + todo:
             print(shlex.join(command(run, launcher, args.nproc)))

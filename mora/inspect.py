@@ -6,6 +6,7 @@ python -m mora.inspect model=llama2_7b adapter=mora adapter.r=256 adapter.compre
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from mora.adapters.build import MORA_FAMILY, build_adapter
 from mora.adapters.peft_tuner import MoraLayer
 from mora.models import build_model
 from mora.paths import CONFIG_DIR
+from mora.training.schema import check
 
 
 @dataclass
@@ -84,7 +86,12 @@ def render(rows: list[LayerRow], trainable: int, cfg: DictConfig) -> Table:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="inspect")
 def main(cfg: DictConfig) -> None:
-    rows, trainable = layer_rows(cfg)
+    try:
+        check(cfg)
+        rows, trainable = layer_rows(cfg)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     if cfg.rows == "summary":
         rows = summarise(rows)
     Console(width=120).print(render(rows, trainable, cfg))

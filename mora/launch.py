@@ -19,7 +19,9 @@ from typing import Any
 
 from accelerate.utils.constants import DEEPSPEED_MULTINODE_LAUNCHERS
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from mora.paths import CONFIG_DIR, REPO_ROOT
 
@@ -110,14 +112,30 @@ def _has_cuda() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     overrides = list(sys.argv[1:] if argv is None else argv)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    try:
+    try:  # every check before a process is spawned: a bad value is reported once, by this process
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides)
+        from mora.training.run import validate
+
+        validate(cfg, int(cfg.launcher.num_processes) * int(cfg.launcher.get("num_machines", 1)))
         cmd, env = command(cfg, overrides, REPO_ROOT / cfg.run.root / ".launch" / str(os.getpid()))
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, HydraException, OmegaConfBaseException) as error:
+        print(f"error: {first_line(error)}", file=sys.stderr)
         return 2
     return subprocess.run(cmd, env=env, cwd=REPO_ROOT).returncode
+
+
+def first_line(error: Exception) -> str:
+    """One line of Hydra's or OmegaConf's message, which runs over several (the key, the full key, the type, the
+    search path): its first, with the options where it lists them ("Available options in 'adapter': ...")."""
+    lines = [line.strip() for line in str(error).strip().splitlines()]
+    if not lines or not lines[0]:
+        return type(error).__name__
+    if "Available options" in str(error):
+        start = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
+        options = [line for line in lines[start + 1 :] if line and not line.startswith(("Config search", "provider="))]
+        return f"{lines[0]}; choose one of {', '.join(options)}"
+    return lines[0]
 
 
 if __name__ == "__main__":

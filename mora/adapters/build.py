@@ -6,6 +6,7 @@ Methods: fft, lora, loraplus, dora, asylora, relora (LoRA layers), mora, remora 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,14 @@ from mora.training.restarts import Restarts, next_grouping
 METHODS: tuple[str, ...] = ("fft", "lora", "loraplus", "dora", "asylora", "relora", "mora", "remora")
 LORA_FAMILY = ("lora", "loraplus", "dora", "asylora", "relora")
 MORA_FAMILY = ("mora", "remora")
+
+
+def _get_peft_model(model: nn.Module, config: Any) -> nn.Module:
+    # PEFT 0.21's PeftModel reads transformers' deprecated `is_gradient_checkpointing`, a FutureWarning on every
+    # build that is theirs, not a use of ours: silenced here alone
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 @dataclass
@@ -142,7 +151,7 @@ def build_adapter(model: nn.Module, cfg: Mapping[str, Any], seed: int | None = N
             target_modules=targets,
             modules_to_save=modules_to_save,
         )
-        peft_model = get_peft_model(model, config)
+        peft_model = _get_peft_model(model, config)
         return Adapted(peft_model, method, _restarts(cfg, regroup) if method == "remora" else None)
 
     alpha = cfg.get("alpha")
@@ -156,7 +165,7 @@ def build_adapter(model: nn.Module, cfg: Mapping[str, Any], seed: int | None = N
         use_dora=method == "dora",
         modules_to_save=modules_to_save,
     )
-    peft_model = get_peft_model(model, config)
+    peft_model = _get_peft_model(model, config)
     if method == "asylora":
         asylora_init_(peft_model, seed)
     ratio = None

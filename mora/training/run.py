@@ -23,6 +23,7 @@ import resource
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +34,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from mora.adapters.build import METHODS, build_adapter
+from mora.adapters.build import METHODS, Adapted, build_adapter
 from mora.adapters.peft_tuner import MoraLayer
 from mora.evaluation.spectrum import adapted_layers, initial_weights, iter_delta_weights, spectrum
 from mora.models import build_model, ensure_local
 from mora.paths import REPO_ROOT
 from mora.tasks import Task, build_task, recipe, task_tokenizer
 from mora.training.restarts import jagged_factor, schedule_factor
+from mora.training.schema import check
 
 CHECKPOINT_STATE = "state.json"  # written last: a checkpoint folder without it is incomplete
 # train settings added after runs were recorded, at the value that keeps the earlier behaviour: left out of the
@@ -52,13 +54,14 @@ def world_size() -> int:
 
 
 def validate(cfg: DictConfig, world: int = 1) -> None:
-    """Every check that needs no model: one clear ValueError per bad value, before any work."""
+    """Every check that needs no model, before any work: the types and ranges of every value
+    (mora.training.schema.check, which also checks the run folder), then the rules across values. One clear
+    ValueError per bad value."""
+    check(cfg)
     if cfg.adapter.method not in METHODS:
         raise ValueError(f"unknown adapter.method {cfg.adapter.method!r}; choose one of {', '.join(METHODS)}")
-    if cfg.adapter.method != "fft":
-        r = cfg.adapter.r
-        if not isinstance(r, int) or r <= 0:
-            raise ValueError(f"adapter.r must be a positive integer, got {r!r}")
+    if cfg.adapter.method != "fft" and cfg.adapter.get("r") is None:
+        raise ValueError(f"adapter.r None: adapter={cfg.adapter.method} needs a rank; give adapter.r, e.g. adapter.r=8")
     recipe(cfg.task)
     if cfg.task.get("from_scratch") and cfg.model.get("pretrained"):
         raise ValueError(
@@ -66,23 +69,16 @@ def validate(cfg: DictConfig, world: int = 1) -> None:
             "model built from config (model=llama_250m, model=llama_1b) or set model.pretrained=null"
         )
     t = cfg.train
-    if not t.lr > 0:
-        raise ValueError(f"train.lr must be positive, got {t.lr}")
-    epochs = t.get("epochs")
-    if epochs is not None and not epochs > 0:
-        raise ValueError(f"train.epochs must be positive (or null: train.steps counts), got {epochs}")
-    if epochs is None and not (t.steps or 0) > 0:
-        raise ValueError(f"train.steps must be positive, got {t.steps}")
-    if t.micro_batch <= 0 or t.global_batch % (t.micro_batch * world):
+    if t.get("epochs") is None and t.steps is None:
+        raise ValueError("train.steps None: with train.epochs null the steps count; give train.steps, e.g. 100")
+    if t.global_batch % (t.micro_batch * world):
         raise ValueError(
             f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch} x "
             f"{world} processes; choose a global batch that is a multiple of {t.micro_batch * world}"
         )
-    if epochs is None:
+    if t.get("epochs") is None:
         check_eval_steps(t.eval_steps, t.steps)
     precision = t.get("mixed_precision")
-    if precision not in (None, "bf16"):
-        raise ValueError(f"train.mixed_precision must be null or bf16, got {precision!r}")
     deepspeed = str(cfg.launcher.name).startswith("deepspeed")
     if precision and deepspeed:
         raise ValueError(
@@ -91,8 +87,6 @@ def validate(cfg: DictConfig, world: int = 1) -> None:
         )
     if t.get("spectrum") and deepspeed and "zero3" in str(cfg.launcher.name):
         raise ValueError("train.spectrum reads every weight on process 0, which ZeRO-3 partitions; use ZeRO-2 or DDP")
-    if t.checkpoint_every < 0:
-        raise ValueError(f"train.checkpoint_every must be >= 0 (0: no checkpoints), got {t.checkpoint_every}")
 
 
 def check_eval_steps(eval_steps: list[int], steps: int) -> None:
@@ -254,6 +248,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg, world)
     accelerator = make_accelerator(cfg.train.global_batch // (cfg.train.micro_batch * world))
     out = run_dir(cfg, accelerator)
+    built = prepare(cfg, accelerator)  # every error found while building comes before anything is written
     main = accelerator.is_main_process
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -264,7 +259,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     wandb_run = start_wandb(cfg, out, main)
     try:
-        summary.update(_train(cfg, accelerator, out, MetricsLog(out / "metrics.jsonl", main, wandb_run)))
+        summary.update(_train(cfg, accelerator, out, MetricsLog(out / "metrics.jsonl", main, wandb_run), built))
         summary["status"] = "finished"
     except BaseException as error:
         summary.update(status="failed", error=f"{type(error).__name__}: {error}")
@@ -319,7 +314,21 @@ def load_checkpoint(accelerator: Accelerator, model: torch.nn.Module, path: Path
     return state
 
 
-def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog) -> dict[str, Any]:
+@dataclass
+class Prepared:
+    """What a run builds from its config before it writes anything: a bad value found here (a target module the
+    model lacks, a task setting) stops the run with no run folder written."""
+
+    tokenizer: PreTrainedTokenizerBase
+    task: Task
+    steps: int
+    model_cfg: dict[str, Any]
+    adapted: Adapted
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+
+def prepare(cfg: DictConfig, accelerator: Accelerator) -> Prepared:
     t = cfg.train
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
@@ -333,8 +342,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
     model = build_model(model_cfg, seed=cfg.seed)
     adapted = build_adapter(model, cfg.adapter, seed=cfg.seed)
     restarts = adapted.restarts
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    if restarts and deepspeed:
+    if restarts and accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ValueError(
             f"adapter={cfg.adapter.method} restarts reset M / optimizer state, which DeepSpeed keeps in its own "
             "partitions; run it with launcher=ddp or local"
@@ -342,7 +350,15 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
     optimizer = adapted.optimizer(lr=t.lr, weight_decay=t.weight_decay)
     factor = lr_factor(cfg, steps, restarts.every if restarts else None, restarts.warmup if restarts else 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    model, optimizer = accelerator.prepare(adapted.model, optimizer)
+    return Prepared(tokenizer, task, steps, model_cfg, adapted, optimizer, scheduler)
+
+
+def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog, built: Prepared) -> dict[str, Any]:
+    t = cfg.train
+    tokenizer, task, steps, model_cfg = built.tokenizer, built.task, built.steps, built.model_cfg
+    adapted, restarts, scheduler = built.adapted, built.adapted.restarts, built.scheduler
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    model, optimizer = accelerator.prepare(adapted.model, built.optimizer)
     accelerator.register_for_checkpointing(scheduler)
     world, rank = accelerator.num_processes, accelerator.process_index
 

@@ -1,0 +1,94 @@
+"""Bad input on every entry point: exit code 2, one line `error: ...` naming the bad value, no traceback, and nothing
+written. The engine's commands run as a user runs them (a fresh process each); the table runner in this process."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments.reproduce import main as reproduce
+from mora.paths import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+# (entry point, arguments, what the line must name); {file} is a file that exists, {runs} an empty folder
+CASES = [
+    ("mora.train", ["train.lr=abc"], "'abc'"),
+    ("mora.train", ["train.steps=ten"], "'ten'"),
+    ("mora.train", ["train.lr=-1"], "train.lr -1"),
+    ("mora.train", ["train.schedule=cosin"], "'cosin'"),
+    ("mora.train", ["train.eval_steps=[0,5]"], "train.eval_steps 0"),
+    ("mora.train", ["train.eval_steps=5"], "train.eval_steps 5"),
+    ("mora.train", ["train.eval_steps=[500]"], "[500]"),
+    ("mora.train", ["train.mixed_precision=fp16"], "'fp16'"),
+    ("mora.train", ["train.spectrum=maybe"], "'maybe'"),
+    ("mora.train", ["train.micro_batch=0"], "train.micro_batch 0"),
+    ("mora.train", ["train.global_batch=30"], "train.global_batch=30"),
+    ("mora.train", ["adapter.r=0"], "adapter.r 0"),
+    ("mora.train", ["adapter.r=2.5"], "adapter.r 2.5"),
+    ("mora.train", ["adapter.dropout=1.5"], "adapter.dropout 1.5"),
+    ("mora.train", ["adapter.target_modules=[]"], "adapter.target_modules []"),
+    ("mora.train", ["model.dtype=fp8"], "'fp8'"),
+    ("mora.train", ["seed=abc"], "'abc'"),
+    ("mora.train", ["adapter=nope"], "adapter/nope"),
+    ("mora.train", ["train.nokey=3"], "train.nokey"),
+    ("mora.train", ["adapter.target_modules=[nope]"], "['nope']"),  # found while building: still nothing written
+    ("mora.train", ["task.n_pairs=0"], "task.n_pairs"),
+    ("mora.train", ["run.dir={file}"], "{file}"),
+    ("mora.train", ["run.dir={file}/run"], "{file}/run"),
+    ("mora.launch", ["launcher=ddp", "train.lr=abc"], "'abc'"),
+    ("mora.launch", ["launcher=nope"], "launcher/nope"),
+    ("mora.launch", ["launcher=ddp", "launcher.num_processes=0"], "launcher.num_processes 0"),
+    ("mora.launch", ["launcher=ddp", "train.global_batch=30"], "train.global_batch=30"),
+    ("mora.launch", ["launcher=local"], "launcher=local"),
+    ("mora.launch", ["launcher=ddp", "run.dir={file}"], "{file}"),
+    ("mora.inspect", ["adapter.r=0"], "adapter.r 0"),
+    ("mora.inspect", ["model.dtype=fp8"], "'fp8'"),
+]
+
+
+@pytest.mark.parametrize(("module", "args", "named"), CASES, ids=[f"{m} {' '.join(a)}" for m, a, _ in CASES])
+def test_a_bad_value_stops_with_one_line_naming_it_and_writes_nothing(tmp_path, module, args, named):
+    file = tmp_path / "a_file"
+    file.write_text("keep")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    args = [a.format(file=file) for a in args]
+    if module != "mora.inspect":
+        args.append(f"run.root={runs}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    command = [sys.executable, "-m", module, *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    assert lines[-1].startswith("error: ") and named.format(file=file) in lines[-1], lines
+    assert [p.name for p in runs.iterdir()] == [] and file.read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "runs"]
+
+
+TABLE_CASES = [
+    (["table2", "--set", "train.lr=abc"], "'abc'"),
+    (["table2", "--set", "train.nokey=1"], "train.nokey"),
+    (["table2", "--set", "train.warmup=-1"], "train.warmup -1"),
+    (["table2", "--set", "lr"], "lr"),
+    (["table9"], "table9"),
+    (["table2", "--cells", "nope"], "nope"),
+    (["table2", "--tasks", "c4"], "c4"),
+    (["table2", "--jobs", "0"], "--jobs"),
+    (["table2", "--profile", "huge"], "huge"),
+    (["table2", "--seeds", "x"], "'x'"),
+]
+
+
+@pytest.mark.parametrize(("args", "named"), TABLE_CASES, ids=[" ".join(a) for a, _ in TABLE_CASES])
+def test_the_table_runner_stops_before_any_run_on_a_bad_value(tmp_path, capsys, args, named):
+    out = [*args, "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as stopped:
+        sys.exit(reproduce(out))
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "error: " in err[-1] and named in err[-1], err
+    assert list(tmp_path.iterdir()) == []
+    assert not (REPO_ROOT / "results" / "table9").exists()
