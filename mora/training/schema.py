@@ -126,26 +126,21 @@ def check_folder(key: str, path: Path) -> None:
 
 
 def _line(error: Mapping[str, Any]) -> str:
-    loc = [str(part) for part in error["loc"] if not str(part).startswith(("function-", "int", "float", "str"))]
-    path = [p for p in loc if not p.isdigit() or loc.index(p) == 0]
+    path = [part for part in error["loc"] if isinstance(part, str)]  # field names; a list item's index dropped
     key = ".".join(path)
     why = error["msg"][0].lower() + error["msg"][1:]
     return f"{key} {error.get('input')!r}: {why}; give {key} as {_hint(path)}"
 
 
 def _hint(path: list[str]) -> str:
-    model: type[BaseModel] = Composed
+    # the hint of the innermost field on the path: Composed -> Train -> lr, say (a section may be `Launcher | None`)
+    model: type[BaseModel] | None = Composed
     hint = "a value of the right type"
     for part in path:
-        fields = getattr(model, "model_fields", {})
-        if part not in fields:
+        info = model.model_fields.get(part) if model is not None else None
+        if info is None:
             break
-        info = fields[part]
-        extra = info.json_schema_extra or {}
-        hint = extra.get("hint", hint) if isinstance(extra, dict) else hint
-        annotation = info.annotation
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else model
-        if annotation is not None and getattr(annotation, "__args__", None):
-            inner = [a for a in annotation.__args__ if isinstance(a, type) and issubclass(a, BaseModel)]
-            model = inner[0] if inner else model
+        hint = (info.json_schema_extra or {}).get("hint", hint)
+        candidates = (info.annotation, *getattr(info.annotation, "__args__", ()))
+        model = next((a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None)
     return hint
