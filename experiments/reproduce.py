@@ -270,7 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     execute(todo, launcher, args.nproc, args.jobs)
     reporter = importlib.import_module(f"mora.reporting.{spec['table']['layout']}")
     out = args.out or REPO_ROOT / spec["table"].get("out", f"results/{args.table}")  # table.out: a shared folder
-    paths = reporter.write_results(root, out, args.profile, spec["cells"], table_tasks)  # every task run so far
+    try:
+        paths = reporter.write_results(root, out, args.profile, spec["cells"], table_tasks)  # every task run so far
+    except ValueError as error:  # the runs are done; too few of them for a table yet (e.g. --cells of one method)
+        print(f"no table written: {error}", flush=True)
+        return 0
     print("wrote " + ", ".join(map(str, paths)))
     return 0
 

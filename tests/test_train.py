@@ -225,3 +225,18 @@ def test_table2_plot_gives_each_operator_one_colour_and_each_rank_one_style():
         "lora-r256": "-",
         "fft": "-",
     }
+
+
+@pytest.mark.slow
+def test_the_regime_sweep_runs_a_point_and_reports_only_whole_pairs(tmp_path, capsys):
+    from experiments.reproduce import main as reproduce
+
+    short = ["--set", "train.steps=2", "train.eval_steps=[2]", "--out", str(tmp_path / "out")]
+    runs = ["--runs", str(tmp_path / "runs" / "table2_regime_w64" / "tiny"), "--seeds", "0"]
+    assert reproduce(["table2_regime_w64", "--cells", "mora-r8", *runs, *short]) == 0  # no LoRA to compare with
+    assert "no table written: no finished pair of LoRA and MoRA runs" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+    assert reproduce(["table2_regime_w64", "--cells", "lora-r8", "mora-r8", *runs, *short]) == 0
+    table = (tmp_path / "out" / "regime.md").read_text()
+    assert "| w64 | low | 64 | 64 | 2 | 0.60 | 32 |" in table and "| paper | low |" in table
+    assert sorted(p.name for p in (tmp_path / "out" / "runs" / "w64").iterdir())[0] == "base"

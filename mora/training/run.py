@@ -170,7 +170,8 @@ def environment(accelerator: Accelerator) -> dict[str, Any]:
 
     return {
         "git_sha": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        # changes to tracked files outside results/, which a table runner rewrites while its runs go on
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results")),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
