@@ -36,9 +36,9 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mora.launch import first_line
 from mora.paths import CONFIG_DIR, REPO_ROOT
 from mora.training.run import config_hash, validate
+from mora.training.schema import one_line
 
 PROFILES = ("tiny", "gpu", "paper")
 IN_PROCESS = "in-process"
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         for run in ([base] if base else []) + todo:  # every run's config, before the first starts
             check_run(run, launcher, args.nproc)
     except (ValueError, HydraException, OmegaConfBaseException) as error:
-        print(f"error: {first_line(error)}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     if args.dry_run:
         for run in ([base] if base else []) + todo:

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mora.paths import CONFIG_DIR, REPO_ROOT
+from mora.training.schema import one_line
 
 
 def resolved_deepspeed_config(cfg: DictConfig) -> dict[str, Any]:
@@ -120,22 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         validate(cfg, int(cfg.launcher.num_processes) * int(cfg.launcher.get("num_machines", 1)))
         cmd, env = command(cfg, overrides, REPO_ROOT / cfg.run.root / ".launch" / str(os.getpid()))
     except (ValueError, HydraException, OmegaConfBaseException) as error:
-        print(f"error: {first_line(error)}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     return subprocess.run(cmd, env=env, cwd=REPO_ROOT).returncode
-
-
-def first_line(error: Exception) -> str:
-    """One line of Hydra's or OmegaConf's message, which runs over several (the key, the full key, the type, the
-    search path): its first, with the options where it lists them ("Available options in 'adapter': ...")."""
-    lines = [line.strip() for line in str(error).strip().splitlines()]
-    if not lines or not lines[0]:
-        return type(error).__name__
-    if "Available options" in str(error):
-        start = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
-        options = [line for line in lines[start + 1 :] if line and not line.startswith(("Config search", "provider="))]
-        return f"{lines[0]}; choose one of {', '.join(options)}"
-    return lines[0]
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from mora.launch import first_line
 from mora.models import MissingAssetError
 from mora.paths import CONFIG_DIR
 from mora.training.run import run
+from mora.training.schema import one_line
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
@@ -38,7 +38,7 @@ def cli() -> None:
             with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
                 compose(config_name="train", overrides=overrides)
         except (HydraException, OmegaConfBaseException) as error:
-            print(f"error: {first_line(error)}", file=sys.stderr)
+            print(f"error: {one_line(error)}", file=sys.stderr)
             sys.exit(2)
     main()
 

@@ -144,3 +144,16 @@ def _hint(path: list[str]) -> str:
         candidates = (info.annotation, *getattr(info.annotation, "__args__", ()))
         model = next((a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None)
     return hint
+
+
+def one_line(error: Exception) -> str:
+    """One line of Hydra's or OmegaConf's message, which runs over several (the key, the full key, the type, the
+    search path): its first, with the options where it lists them ("Available options in 'adapter': ...")."""
+    lines = [line.strip() for line in str(error).strip().splitlines()]
+    if not lines or not lines[0]:
+        return type(error).__name__
+    if "Available options" in str(error):
+        start = next(i for i, line in enumerate(lines) if line.startswith("Available options"))
+        options = [line for line in lines[start + 1 :] if line and not line.startswith(("Config search", "provider="))]
+        return f"{lines[0]}; choose one of {', '.join(options)}"
+    return lines[0]
