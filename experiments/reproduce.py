@@ -26,6 +26,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,9 +206,11 @@ def execute(todo: list[Run], launcher: str, nproc: int, jobs: int) -> None:
     for run in todo:
         cmd = command(run, launcher, nproc)
         print(f"{run.folder}: {shlex.join(cmd[1:])}", flush=True)
+        started = time.monotonic()
         result = subprocess.run(cmd, cwd=REPO_ROOT)
         if result.returncode:
             raise SystemExit(f"error: the run in {run.folder} failed (exit code {result.returncode}); see its summary")
+        print(f"{run.folder.name}: finished in {time.monotonic() - started:.1f} s (process start to exit)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -143,7 +143,8 @@ def table2_part(
     summaries = []
     for path in sorted(runs.glob("*/summary.json")):
         s = json.loads(path.read_text())
-        keep = ("method", "rank", "lr", "seed", "status", "steps", "tokens", "tokens_per_s", "wall_s", "evals")
+        keep = ("method", "rank", "lr", "seed", "status", "steps", "tokens", "tokens_per_s", "startup_s", "wall_s")
+        keep += ("evals",)
         keep += ("trainable_params", "error")
         summaries.append({"run": path.parent.name, **{k: s.get(k) for k in keep}})
     part["runs"] = summaries

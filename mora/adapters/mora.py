@@ -352,6 +352,9 @@ def _add_chunk_outputs_(out: Tensor, x: Tensor, M: Tensor, compression: str, tab
     d_in, d_out, size = x.shape[1], out.shape[1], M.shape[0]
     s = surviving_chunks(d_in, d_out, size)
     cos, sin = _tables(size, s, tables, x) if compression == "rope" else (None, None)
+    if _batches_chunks(x):
+        _add_chunk_outputs_batched_(out, x, M, s, cos, sin)
+        return
     tiled = s * size < d_out
     target = _aligned_empty(out.shape[0], s * size, out) if tiled else out
     rotated = _rotated_chunks(x, s, cos, sin) if _rotates_input(x.shape[0], cos) else None  # (N, s, size)
@@ -364,6 +367,59 @@ def _add_chunk_outputs_(out: Tensor, x: Tensor, M: Tensor, compression: str, tab
             target[:, lo:hi].addmm_(a, block[:, j : j + length].T, beta=0 if tiled and not i else 1)
     if tiled:
         _add_tiled_(out, target)
+
+
+def _batches_chunks(x: Tensor) -> bool:
+    # chunk operators as batched GEMMs over all surviving chunks at once, on (s, N, size) views of x, the output and
+    # the gradients, instead of a loop of GEMMs and rotations per chunk: on a GPU each of those is a kernel launch
+    # of little work (rope at r = 8 on a 1024-wide model: 8 chunks of 128, about 40 launches per layer and step),
+    # and the loop ran rope r = 8 at a third of FFT's tokens per second on an H200 (LOG.md, 2026-11-30). The CPU
+    # keeps the loop, tuned there (it avoids the (s, size, size) blocks and a padded copy of a truncated gradient).
+    return x.device.type != "cpu"
+
+
+def _add_chunk_outputs_batched_(
+    out: Tensor, x: Tensor, M: Tensor, s: int, cos: Tensor | None, sin: Tensor | None
+) -> None:
+    # out (N, d_out) += the first s chunk outputs of x (N, d_in): Y_c = X_c P_c^T for every chunk in one bmm,
+    # written straight into out's columns when the chunks tile it exactly, else through one (N, s * size) buffer
+    d_out, size = out.shape[1], M.shape[0]
+    width = s * size
+    chunks = _wrap(x, width).unflatten(1, (s, size)).transpose(0, 1)  # (s, N, size), a view unless x wraps
+    blocks_T = _blocks(M, s, cos, sin).transpose(1, 2)  # (s, size, size): P_c^T
+    if width == d_out and out.stride(1) == 1:
+        out.unflatten(1, (s, size)).transpose(0, 1).baddbmm_(chunks, blocks_T)
+        return
+    y = torch.bmm(chunks, blocks_T).transpose(0, 1).flatten(1)  # (N, width)
+    if width > d_out:  # truncated: only the last chunk loses rows
+        out.add_(y[:, :d_out])
+    else:
+        _add_tiled_(out, y)
+
+
+def _chunk_vjp_batched_(
+    g: Tensor, x: Tensor, M: Tensor, s: int, cos: Tensor | None, sin: Tensor | None, gx: Tensor | None, want_M: bool
+) -> Tensor | None:
+    # delta_vjp_ of the chunk operators as batched GEMMs (see _batches_chunks): g (N, d_out), x and gx (N, d_in)
+    d_in, size = x.shape[1], M.shape[0]
+    width = s * size
+    if width != g.shape[1]:
+        g = _fold_tiles(g, width)  # (N, width): tiles summed, or zero-padded where the output is truncated
+    g = g if g.stride(1) == 1 else g.contiguous()
+    g_chunks = g.unflatten(1, (s, size)).transpose(0, 1)  # (s, N, size)
+    if gx is not None:  # dX_c = g_c P_c
+        blocks = _blocks(M, s, cos, sin)  # (s, size, size)
+        if width <= d_in:  # every chunk inside x: straight into gx's columns
+            gx[:, :width].unflatten(1, (s, size)).transpose(0, 1).baddbmm_(g_chunks, blocks)
+        else:
+            _add_wrapped_(gx, torch.bmm(g_chunks, blocks).transpose(0, 1).flatten(1), 0)
+    if not want_M:
+        return None
+    chunks = _wrap(x, width).unflatten(1, (s, size)).transpose(0, 1)  # (s, N, size)
+    grad_P = torch.bmm(g_chunks.transpose(1, 2), chunks)  # (s, size, size): g_c^T X_c, the gradient of P_c
+    if cos is not None:  # P_c = M R_c: dM = sum_c dP_c R_c^T
+        grad_P = _rotate_last(grad_P, cos[:, None], sin[:, None], transpose=True)
+    return grad_P.sum(0)
 
 
 def _rotates_input(n_tokens: int, cos: Tensor | None) -> bool:
@@ -456,6 +512,8 @@ def delta_vjp_(
         return torch.mm(g.T, compressed, out=_aligned_empty(size, size, M)).contiguous()
     s = surviving_chunks(d_in, d_out, size)
     cos, sin = _tables(size, s, tables, x) if compression == "rope" else (None, None)
+    if _batches_chunks(x):
+        return _chunk_vjp_batched_(g, x, M, s, cos, sin, gx, want_M)
     folded = _fold_tiles(g, s * size) if s * size < d_out else g  # (N, min(s * size, d_out))
     rotated = _rotates_input(x.shape[0], cos)
     # g^T whole (one blocked transpose: a third of the time of one copy per chunk), where that pays

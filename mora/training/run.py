@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list
@@ -258,6 +259,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     summary: dict[str, Any] = {"status": "running", "method": cfg.adapter.method, "seed": cfg.seed}
     started = time.time()
+    # from the process's start: imports, config, device, model and data (one process per run on GPUs pays it)
+    summary["startup_s"] = round(started - psutil.Process().create_time(), 2)
     wandb_run = start_wandb(cfg, out, main)
     try:
         summary.update(_train(cfg, accelerator, out, MetricsLog(out / "metrics.jsonl", main, wandb_run), built))
@@ -354,6 +357,15 @@ def prepare(cfg: DictConfig, accelerator: Accelerator) -> Prepared:
     return Prepared(tokenizer, task, steps, model_cfg, adapted, optimizer, scheduler)
 
 
+def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # torch's blocking host-to-device copy synchronises the stream: the host would wait for step n's kernels before
+    # it queues step n + 1's. From pinned memory the copy is queued like a kernel (the pinned block is kept until
+    # the copy has run)
+    if device.type != "cuda":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)
+
+
 def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog, built: Prepared) -> dict[str, Any]:
     t = cfg.train
     tokenizer, task, steps, model_cfg = built.tokenizer, built.task, built.steps, built.model_cfg
@@ -396,7 +408,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
         model.train()
         for i in range(accumulation):
             batch = task.collate(mine[i * micro : (i + 1) * micro])
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            batch = {k: _to_device(v, accelerator.device) for k, v in batch.items()}
             with accelerator.accumulate(model), autocast():
                 part = token_loss_sum(model, batch)
                 # accelerate / DeepSpeed divide by the accumulation count and DDP averages over ranks: undo both,
@@ -412,9 +424,11 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
         if restarts and restarts.due(done, steps):
             restarts.restart(accelerator.unwrap_model(model), optimizer)
             log.write({"step": done, "event": "restart"})
-        loss_value = float(accelerator.reduce(loss_sum, reduction="sum")) / n_tokens
         tokens_seen += int(full["attention_mask"].sum())
-        if done % t.log_every == 0 or done == steps:
+        logged = done % t.log_every == 0 or done == steps
+        if logged or done in eval_steps:  # reading the loss waits for the device: only for a step that reports it
+            loss_value = float(accelerator.reduce(loss_sum, reduction="sum")) / n_tokens
+        if logged:
             elapsed = time.time() - clock
             rate = (tokens_seen - clock_tokens) / max(elapsed, 1e-9)
             log.write(

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import mora.adapters.mora as mora_math
 from mora.adapters.mora import (
     COMPRESSIONS,
     OFFICIAL_TYPES,
@@ -378,3 +379,24 @@ def test_rope_vjp_in_bfloat16_at_large_r_hat_stays_within_rounding(n):
 def test_vjp_refuses_operators_without_one():
     with pytest.raises(ValueError, match="delta_vjp_ covers"):
         delta_vjp_(torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(4, 4), "sharing_chunked")
+
+
+@pytest.mark.parametrize("compression,d_in,d_out,size", CHUNK_CASES + WRAPS_TWICE[1:])
+def test_batched_chunk_path_equals_delta_weight(compression, d_in, d_out, size, monkeypatch):
+    # the GPU's path for rope / decouple (one bmm over all chunks, _batches_chunks), forced here on the CPU: the
+    # no-grad forward, autograd through add_delta_ and delta_vjp_ into a gradient that already holds something
+    monkeypatch.setattr(mora_math, "_batches_chunks", lambda x: True)
+    torch.manual_seed(17)
+    M = torch.randn(size, size, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 2, d_in, dtype=torch.float64).transpose(0, 1).requires_grad_()  # (2, 4, d_in), strided
+    g, base = torch.randn(2, 4, d_out, dtype=torch.float64), torch.randn(2, 4, d_out, dtype=torch.float64)
+    reference = x @ delta_weight(M, d_in, d_out, compression).T
+    want_x, want_M = torch.autograd.grad(reference, (x, M), g)
+    with torch.no_grad():
+        assert torch.allclose(add_delta_(base.clone(), x, M, compression), base + reference, atol=1e-12)
+    got_x, got_M = torch.autograd.grad(add_delta_(base.clone(), x, M, compression), (x, M), g)
+    assert torch.allclose(got_x, want_x, atol=1e-10) and torch.allclose(got_M, want_M, atol=1e-10)
+    grad_x = torch.ones(2, 4, d_in, dtype=torch.float64)
+    grad_M = delta_vjp_(g, x.detach(), M.detach(), compression, grad_x=grad_x)
+    assert torch.allclose(grad_x, 1 + want_x, atol=1e-12) and torch.allclose(grad_M, want_M, atol=1e-12)
+    assert delta_vjp_(g, x.detach(), M.detach(), compression, want_M=False) is None
