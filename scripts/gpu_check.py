@@ -189,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="the folder for the result files (created; at most 8 files)")
     parser.add_argument("--dry", action="store_true", help="CPU, tiny sizes, seconds")
     parser.add_argument("--runs", type=Path, help="Table 2 run folders (default runs/table2/gpu; dry: a temporary one)")
-    parser.add_argument("--layer-s", type=float, default=100.0, help="time budget of the per-layer benchmark")
-    parser.add_argument("--merge-s", type=float, default=45.0, help="time budget of the merge benchmark")
-    parser.add_argument("--table2-s", type=float, default=420.0, help="time budget of Table 2 (gpu profile, seed 0)")
+    parser.add_argument("--layer-s", type=float, default=60.0, help="time budget of the per-layer benchmark")
+    parser.add_argument("--merge-s", type=float, default=30.0, help="time budget of the merge benchmark")
+    parser.add_argument("--table2-s", type=float, default=480.0, help="time budget of Table 2 (gpu profile, seed 0)")
     parser.add_argument("--cells", nargs="+", help="only these Table 2 cells (default: all; dry: fft lora-r8 mora-r8)")
     args = parser.parse_args(argv)
     for name in ("layer_s", "merge_s", "table2_s"):

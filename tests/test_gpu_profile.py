@@ -56,7 +56,8 @@ def test_the_gpu_profile_runs_one_process_per_run_through_the_launcher(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 + 9  # the base model, then FFT and 2 LRs x 4 adapter cells
     assert all(" -m mora.train " in line and "profile=gpu" in line for line in lines)
-    assert "train.steps=120" in lines[0] and "runs/table2/gpu/base/adapter" in lines[1]
+    assert "train.steps=400" in lines[0] and "train.global_batch=250" in lines[0]
+    assert "runs/table2/gpu/base/adapter" in lines[1]
 
 
 @pytest.mark.slow
