@@ -12,10 +12,13 @@ SET ?=
 LAUNCHER ?=
 NPROC ?=
 DRY_RUN ?=
+SUBMIT ?=
+SLURM ?=
 # the one table runner (experiments/reproduce.py); SEED/SEEDS, TASKS, CELLS, SET (Hydra overrides for every run),
-# LAUNCHER, NPROC and DRY_RUN=1 reach it
+# LAUNCHER, NPROC, SUBMIT=slurm with SLURM="partition=gpu time=720" (configs/cluster/slurm.yaml) and DRY_RUN=1 reach it
 REPRODUCE_ARGS = --profile $(PROFILE) $(if $(NPROC),--nproc $(NPROC)) \
-	$(if $(TASKS),--tasks $(TASKS)) $(if $(CELLS),--cells $(CELLS)) $(if $(SET),--set $(SET)) $(if $(LAUNCHER),--launcher $(LAUNCHER)) $(if $(DRY_RUN),--dry-run)
+	$(if $(TASKS),--tasks $(TASKS)) $(if $(CELLS),--cells $(CELLS)) $(if $(SET),--set $(SET)) $(if $(LAUNCHER),--launcher $(LAUNCHER)) \
+	$(if $(SUBMIT),--submit $(SUBMIT)) $(if $(SLURM),--slurm $(SLURM)) $(if $(DRY_RUN),--dry-run)
 
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1

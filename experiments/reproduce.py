@@ -12,18 +12,21 @@ optional base model to train first (`base.<profile>`); `--set` adds Hydra overri
 x learning rate x search point x seed is one run folder under runs/<table>/<profile>/[<task>/]; finished runs are
 skipped, unfinished ones resume, and a finished run of another config stops the command. The runs go in this
 process (the CPU profile, `--jobs` side by side) or each through `python -m mora.launch` with `--launcher` /
-`--nproc` (one node of GPUs); `--dry-run` prints the command of every run instead. Then the table's reporter
-(`mora.reporting.<table.layout>`) writes results/<table>/.
+`--nproc` (one node of GPUs), or, with `--submit slurm`, each as a SLURM job on one node running that same
+command (configs/cluster/slurm.yaml, `--slurm KEY=VALUE` over it); `--dry-run` prints the command of every run
+instead. Then the table's reporter (`mora.reporting.<table.layout>`) writes results/<table>/.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import itertools
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -37,6 +40,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mora.cli import OneLineParser
 from mora.paths import CONFIG_DIR, REPO_ROOT
 from mora.training.run import config_hash, validate
 from mora.training.schema import one_line
@@ -46,6 +50,9 @@ IN_PROCESS = "in-process"
 DEFAULT_LAUNCHER = {"tiny": IN_PROCESS, "gpu": "local", "paper": "deepspeed_zero2"}  # gpu: one GPU, a process a run
 LAUNCHERS = (IN_PROCESS, "local", "ddp", "deepspeed_zero2", "deepspeed_zero3")
 CELL_KEYS = ("r", "alpha", "compression", "loraplus_ratio")
+# --submit: each run a job through submitit, on SLURM (sbatch) or, to test the same jobs, on this machine
+SUBMITTERS = ("slurm", "local")
+SLURM_CONFIG = CONFIG_DIR / "cluster" / "slurm.yaml"
 
 
 @dataclass
@@ -192,6 +199,65 @@ def run_in_process(overrides: list[str], threads: int) -> str:
     return f"{summary['method']} lr={summary['lr']} seed={summary['seed']}: {summary['status']} ({summary['wall_s']} s)"
 
 
+def slurm_parameters(overrides: list[str]) -> dict[str, Any]:
+    """configs/cluster/slurm.yaml with `KEY=VALUE` overrides; an unknown key or a bad value is a ValueError."""
+    params = OmegaConf.load(SLURM_CONFIG)
+    bad = [o for o in overrides if "=" not in o or o.split("=", 1)[0] not in params]
+    if bad:
+        raise ValueError(f"--slurm {bad}: each is KEY=VALUE with a key of {SLURM_CONFIG.name}: {', '.join(params)}")
+    params = OmegaConf.to_container(OmegaConf.merge(params, OmegaConf.from_dotlist(overrides)), resolve=True)
+    for key, least in (("time", 1), ("gpus_per_node", 0), ("cpus_per_task", 1), ("mem_gb", 1)):
+        value = params[key]
+        if not (value is None and key == "mem_gb") and (type(value) is not int or value < least):
+            raise ValueError(f"--slurm {key}={value}: give a whole number >= {least}")
+    return params
+
+
+def executor(cluster: str, params: dict[str, Any], folder: Path):
+    """submitit's executor for one-node jobs of one task (mora.launch starts the run's processes on the node)."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster)
+    executor.update_parameters(
+        timeout_min=params["time"],
+        nodes=1,
+        tasks_per_node=1,
+        gpus_per_node=params["gpus_per_node"],
+        cpus_per_task=params["cpus_per_task"],
+        **({"mem_gb": params["mem_gb"]} if params["mem_gb"] else {}),
+        **{f"slurm_{k}": params[k] for k in ("partition", "account", "qos", "constraint") if params[k]},
+        slurm_setup=list(params["setup"]),
+        slurm_additional_parameters=dict(params["additional_parameters"]),
+    )
+    return executor
+
+
+def submit(todo: list[Run], launcher: str, nproc: int, cluster: str, params: dict[str, Any], folder: Path) -> list:
+    """Each run's command line as one job through submitit; returns (run, job) pairs."""
+    from submitit.helpers import CommandFunction
+
+    jobs = executor(cluster, params, folder)
+    submitted = []
+    for run in todo:
+        jobs.update_parameters(name=f"mora-{run.folder.parent.name}-{run.folder.name}")
+        job = jobs.submit(CommandFunction(command(run, launcher, nproc), cwd=str(REPO_ROOT)))
+        print(f"{run.folder}: job {job.job_id} (logs: {job.paths.stdout.parent})", flush=True)
+        submitted.append((run, job))
+    return submitted
+
+
+def wait(submitted: list) -> None:
+    """Every job's end; a failed one stops the command with its run and log."""
+    for run, job in submitted:
+        try:
+            job.result()
+        except Exception as error:  # submitit's FailedJobError, UncompletedJobError (time limit, node failure)
+            raise SystemExit(
+                f"error: the job of {run.folder} ({job.job_id}) failed: {type(error).__name__}; see {job.paths.stderr}"
+            ) from None
+        print(f"{run.folder.name}: job {job.job_id} finished", flush=True)
+
+
 def execute(todo: list[Run], launcher: str, nproc: int, jobs: int) -> None:
     if launcher == IN_PROCESS:
         threads = max(1, (os.cpu_count() or 2) // jobs)
@@ -213,8 +279,24 @@ def execute(todo: list[Run], launcher: str, nproc: int, jobs: int) -> None:
         print(f"{run.folder.name}: finished in {time.monotonic() - started:.1f} s (process start to exit)", flush=True)
 
 
+# the make variable behind each option (Makefile, REPRODUCE_ARGS), named in an error about it
+MAKE_VARIABLES = {
+    "--profile": "PROFILE",
+    "--seeds": "SEED / SEEDS",
+    "--tasks": "TASKS",
+    "--cells": "CELLS",
+    "--launcher": "LAUNCHER",
+    "--nproc": "NPROC",
+    "--set": "SET",
+    "--submit": "SUBMIT",
+    "--slurm": "SLURM",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, make_variables=MAKE_VARIABLES
+    )
     parser.add_argument("table", help="an experiment config: table1, table2")
     parser.add_argument("--profile", default="tiny", choices=PROFILES)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -229,11 +311,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, help="default: runs/<table>/<profile>")
     parser.add_argument("--out", type=Path, help="default: results/<table>")
     parser.add_argument("--dry-run", action="store_true", help="print every run's command; run nothing")
+    parser.add_argument(
+        "--submit", choices=SUBMITTERS, help="each run a job on one node through submitit: slurm, or local to test"
+    )
+    parser.add_argument(
+        "--slurm", nargs="+", default=[], metavar="KEY=VALUE", help="job settings over configs/cluster/slurm.yaml"
+    )
     args = parser.parse_args(argv)
+    slurm = None
+    if args.submit:
+        if importlib.util.find_spec("submitit") is None:
+            parser.error("--submit sends jobs through submitit, which is not installed: pip install 'mora-lab[slurm]'")
+        try:
+            slurm = slurm_parameters(args.slurm)
+        except ValueError as error:
+            parser.error(str(error))
+        if args.launcher == IN_PROCESS:
+            parser.error("--launcher in-process runs in this process; a job runs a command (--launcher local, ...)")
+        if args.submit == "slurm" and not args.dry_run and not (shutil.which("sbatch") and shutil.which("srun")):
+            parser.error("--submit slurm needs SLURM's sbatch and srun (a login node); --dry-run prints the jobs")
+    elif args.slurm:
+        parser.error("--slurm sets the jobs of --submit slurm|local")
     if args.nproc is None:
         import torch
 
-        args.nproc = torch.cuda.device_count() or 8
+        args.nproc = (slurm or {}).get("gpus_per_node") or torch.cuda.device_count() or 8
     for name in ("jobs", "nproc"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -250,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cells and not set(args.cells) <= set(names):
         parser.error(f"--cells {sorted(set(args.cells) - set(names))} are not cells of {args.table}; it has {names}")
     launcher = args.launcher or DEFAULT_LAUNCHER[args.profile]
+    if args.submit and launcher == IN_PROCESS:
+        launcher = "local"  # the tiny profile's runs as jobs: one process each
     root = args.runs or REPO_ROOT / "runs" / args.table / args.profile
     bad = [o for o in args.set if "=" not in o]
     if bad:
@@ -262,15 +366,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     if args.dry_run:
+        if slurm is not None:
+            print(f"# {args.submit} jobs, one a run, one node each: " + json.dumps(slurm, sort_keys=True))
         for run in ([base] if base else []) + todo:
             print(shlex.join(command(run, launcher, args.nproc)))
         return 0
+
+    def go(runs: list[Run], jobs: int) -> None:
+        if args.submit:
+            wait(submit(runs, launcher, args.nproc, args.submit, slurm, root / ".submitit"))
+        else:
+            execute(runs, launcher, args.nproc, jobs)
+
     if base is not None and not finished(base, launch_overrides(base, launcher, args.nproc)):
         print(f"{args.table} ({args.profile}): training the base model in {base.folder}", flush=True)
-        execute([base], launcher, args.nproc, jobs=1)
+        go([base], 1)
     todo = [r for r in todo if not finished(r, launch_overrides(r, launcher, args.nproc))]
     print(f"{args.table} ({args.profile}): {len(todo)} runs to do in {root}", flush=True)
-    execute(todo, launcher, args.nproc, args.jobs)
+    go(todo, args.jobs)
     reporter = importlib.import_module(f"mora.reporting.{spec['table']['layout']}")
     out = args.out or REPO_ROOT / spec["table"].get("out", f"results/{args.table}")  # table.out: a shared folder
     try:

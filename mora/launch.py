@@ -23,6 +23,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mora.models import MissingAssetError
 from mora.paths import CONFIG_DIR, REPO_ROOT
 from mora.training.schema import one_line
 
@@ -116,11 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every check before a process is spawned: a bad value is reported once, by this process
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name="train", overrides=overrides)
-        from mora.training.run import validate
+        from mora.training.run import check_build, validate
 
         validate(cfg, int(cfg.launcher.num_processes) * int(cfg.launcher.get("num_machines", 1)))
+        check_build(cfg)
         cmd, env = command(cfg, overrides, REPO_ROOT / cfg.run.root / ".launch" / str(os.getpid()))
-    except (ValueError, HydraException, OmegaConfBaseException) as error:
+    except (ValueError, MissingAssetError, HydraException, OmegaConfBaseException) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     return subprocess.run(cmd, env=env, cwd=REPO_ROOT).returncode

@@ -185,7 +185,9 @@ def markdown(env: dict[str, Any], parts: dict[str, dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mora.cli import OneLineParser
+
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="the folder for the result files (created; at most 8 files)")
     parser.add_argument("--dry", action="store_true", help="CPU, tiny sizes, seconds")
     parser.add_argument("--runs", type=Path, help="Table 2 run folders (default runs/table2/gpu; dry: a temporary one)")

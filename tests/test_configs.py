@@ -115,3 +115,13 @@ def test_the_regime_sweep_moves_both_ratios_towards_the_papers():
         for before, after in zip(points, points[1:], strict=False):
             assert after[0] > before[0] and after[1] > before[1]
     assert ratios["low"][-1][0] < 15.6 and ratios["low"][-1][1] < 1250  # towards the paper, not past it
+
+
+def test_every_task_recipe_names_the_settings_of_its_section():
+    # mora.training.run.validate checks `task` against its recipe's Settings (mora.training.schema.check_task)
+    from mora.tasks import recipe, recipes
+    from mora.training.schema import TaskSettings
+
+    assert recipes()
+    for name in recipes():
+        assert issubclass(recipe({"recipe": name}).Settings, TaskSettings), name

@@ -26,6 +26,7 @@ from functools import lru_cache
 from typing import Any
 
 import torch
+from pydantic import StrictBool
 
 from mora.evaluation.perplexity import perplexity
 from mora.models import MissingAssetError, ensure_local
@@ -43,6 +44,7 @@ from mora.tasks.data import (
     tokenizer_fingerprint,
 )
 from mora.tasks.tokenizer import train_bpe
+from mora.training.schema import Section, Source, TaskSettings, setting
 
 DOCUMENTS_PER_BATCH = 1000
 
@@ -152,6 +154,23 @@ class PretrainTask:
 
     def evaluate(self, model: torch.nn.Module, batch_size: int) -> dict[str, Any]:
         return perplexity(model, self.valid, self.eval_batch or batch_size)
+
+
+class Evaluation(Section):
+    tokens: int | None = setting(default=None, hint="a positive number of validation tokens, or null (all)", gt=0)
+    batch_size: int | None = setting(default=None, hint="a positive number of blocks per forward", gt=0)
+
+
+class Settings(TaskSettings):
+    from_scratch: StrictBool = setting("true or false")
+    source: Source
+    eval_source: Source
+    text_column: str = setting("the source's text column, e.g. task.text_column=text", min_length=1)
+    block_size: int = setting("a number of tokens >= 2, e.g. task.block_size=512", ge=2)
+    train_tokens: int | None = setting(default=None, hint="a positive number of tokens, or null (all)", gt=0)
+    tokenizer: str | None = setting(default=None, hint="a hub id or a local folder, or null (a BPE trained here)")
+    vocab_size: int | None = setting(default=None, hint="a positive vocabulary size, or null", gt=0)
+    eval: Evaluation
 
 
 def build(cfg: Mapping[str, Any], tokenizer: Any) -> PretrainTask:

@@ -15,12 +15,20 @@ from typing import Any
 from mora.tasks.data import tokenised
 from mora.tasks.text import TextTask
 from mora.tasks.tokenizer import fixture_bpe
+from mora.training.schema import Source, TaskSettings, TextEval, setting
 
 
 def pack(documents: list[list[int]], block_size: int) -> list[list[int]]:
     """Concatenate token lists and cut them into full blocks of block_size (the tail is dropped)."""
     stream = [t for doc in documents for t in doc]
     return [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
+
+
+class Settings(TaskSettings):
+    source: Source
+    text_column: str = setting("the source's text column, e.g. task.text_column=text", min_length=1)
+    block_size: int = setting("a number of tokens >= 2, e.g. task.block_size=2048", ge=2)
+    eval: TextEval
 
 
 def build(cfg: Mapping[str, Any], tokenizer: Any) -> TextTask:

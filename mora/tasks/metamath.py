@@ -17,6 +17,7 @@ from mora.tasks.data import IGNORE, tokenised
 from mora.tasks.prompts import alpaca_prompt
 from mora.tasks.text import TextTask
 from mora.tasks.tokenizer import fixture_bpe
+from mora.training.schema import Source, TaskSettings, TextEval, setting
 
 
 def encode(tokenizer: Any, query: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
@@ -26,6 +27,13 @@ def encode(tokenizer: Any, query: str, response: str, max_length: int) -> tuple[
     ids = [*ids, tokenizer.eos_token_id][:max_length]
     labels = [IGNORE] * min(n_prompt, len(ids)) + ids[n_prompt:]
     return ids, labels
+
+
+class Settings(TaskSettings):
+    source: Source
+    max_length: int = setting("a number of tokens >= 2, e.g. task.max_length=512", ge=2)
+    max_examples: int | None = setting(default=None, hint="a positive number, or null (all)", gt=0)
+    eval: TextEval
 
 
 def build(cfg: Mapping[str, Any], tokenizer: Any) -> TextTask:

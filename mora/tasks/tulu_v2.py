@@ -15,6 +15,7 @@ from typing import Any
 from mora.tasks.data import IGNORE, tokenised
 from mora.tasks.text import TextTask
 from mora.tasks.tokenizer import fixture_bpe
+from mora.training.schema import Source, TaskSettings, TextEval, setting
 
 ROLES = ("system", "user", "assistant")
 
@@ -49,6 +50,12 @@ def encode(tokenizer: Any, messages: list[dict[str, str]], max_length: int) -> t
         labels[start:end] = [IGNORE] * len(labels[start:end])
     labels[0] = IGNORE  # <s>
     return ids, labels
+
+
+class Settings(TaskSettings):
+    source: Source
+    max_length: int = setting("a number of tokens >= 2, e.g. task.max_length=512", ge=2)
+    eval: TextEval
 
 
 def build(cfg: Mapping[str, Any], tokenizer: Any) -> TextTask:

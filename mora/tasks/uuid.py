@@ -20,6 +20,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from mora.tasks.data import IGNORE, Example, collate, epoch_batches
+from mora.training.schema import TaskSettings, setting
 
 ALPHABET = "0123456789abcdef-:"
 SEPARATOR = ":"
@@ -55,6 +56,11 @@ def encode(tokenizer: PreTrainedTokenizerBase, key: str, value: str) -> Example:
     prompt = [tokenizer.bos_token_id, *tokenizer(key + SEPARATOR, add_special_tokens=False).input_ids]
     target = [*tokenizer(value, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
     return Example(prompt + target, [IGNORE] * len(prompt) + target)
+
+
+class Settings(TaskSettings):
+    n_pairs: int = setting("a positive number of pairs, e.g. task.n_pairs=1000", gt=0)
+    data_seed: int = setting("an integer, e.g. task.data_seed=0")
 
 
 def build(cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> UuidTask:

@@ -42,7 +42,7 @@ from mora.models import build_model, ensure_local
 from mora.paths import REPO_ROOT
 from mora.tasks import Task, build_task, recipe, task_tokenizer
 from mora.training.restarts import jagged_factor, schedule_factor
-from mora.training.schema import check
+from mora.training.schema import check, check_task
 
 CHECKPOINT_STATE = "state.json"  # written last: a checkpoint folder without it is incomplete
 # train settings added after runs were recorded, at the value that keeps the earlier behaviour: left out of the
@@ -63,7 +63,7 @@ def validate(cfg: DictConfig, world: int = 1) -> None:
         raise ValueError(f"unknown adapter.method {cfg.adapter.method!r}; choose one of {', '.join(METHODS)}")
     if cfg.adapter.method != "fft" and cfg.adapter.get("r") is None:
         raise ValueError(f"adapter.r None: adapter={cfg.adapter.method} needs a rank; give adapter.r, e.g. adapter.r=8")
-    recipe(cfg.task)
+    check_task(cfg.task, recipe(cfg.task).Settings)
     if cfg.task.get("from_scratch") and cfg.model.get("pretrained"):
         raise ValueError(
             f"task {cfg.task.name} pretrains from scratch but model.pretrained={cfg.model.pretrained}; choose a "
@@ -88,6 +88,12 @@ def validate(cfg: DictConfig, world: int = 1) -> None:
         )
     if t.get("spectrum") and deepspeed and "zero3" in str(cfg.launcher.name):
         raise ValueError("train.spectrum reads every weight on process 0, which ZeRO-3 partitions; use ZeRO-2 or DDP")
+
+
+def check_build(cfg: DictConfig) -> None:
+    """The model with its adapter on the meta device, no weights read: a target module the model lacks or a shape
+    the operator refuses is found before a launcher spawns any process (a process would report it once each)."""
+    build_adapter(build_model(OmegaConf.to_container(cfg.model, resolve=True), meta=True), cfg.adapter)
 
 
 def check_eval_steps(eval_steps: list[int], steps: int) -> None:
@@ -155,6 +161,10 @@ def make_accelerator(accumulation: int) -> Accelerator:
     # On CPU, accelerate + DeepSpeed needs an explicit gloo group (ENV-NOTES.md §3); in one process it must not.
     distributed = world_size() > 1 and not torch.cuda.is_available()
     kwargs = [InitProcessGroupKwargs(backend="gloo")] if distributed else []
+    if torch.accelerator.current_accelerator() is None:
+        # accelerate's unwrap_model imports DeepSpeed where it is installed, and DeepSpeed, left to detect the
+        # device, warns on every machine without one that it chose the CPU: say so (noise, not a problem)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     return Accelerator(gradient_accumulation_steps=accumulation, kwargs_handlers=kwargs)
 
 

@@ -8,6 +8,9 @@ composed config afterwards and reports each error with its location, the value g
 what one `error: <what> <value>: <why>; <what to do>` line needs. Keys a model does not name pass through
 (Hydra already refuses unknown keys on the command line); cross-field rules (batch vs processes, eval steps vs
 steps) stay in mora.training.run.validate.
+
+A task's section differs per recipe: each recipe module (mora/tasks/<recipe>.py) names its own `Settings`, built
+from the pieces here (`TaskSettings`, `Source`, `TextEval`), and `check_task` checks `task` against it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from mora.paths import REPO_ROOT
 
@@ -27,74 +30,127 @@ class ConfigError(ValueError):
     """One bad value of a composed config, as one line: `<what> <value>: <why>; <what to do>`."""
 
 
-def _field(hint: str, **constraints: Any) -> Any:
+def setting(hint: str, **constraints: Any) -> Any:
     """A field with the text that completes `give <key> as ...`, and its constraints (default, gt, ge, ...)."""
     return Field(json_schema_extra={"hint": hint}, **constraints)
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A config section: the fields a model names are checked, other keys pass through."""
+
     model_config = ConfigDict(extra="allow", strict=False)
 
 
-class Train(_Section):
-    global_batch: int = _field("a positive integer, e.g. train.global_batch=64", gt=0)
-    micro_batch: int = _field("a positive integer that divides train.global_batch", gt=0)
-    lr: float = _field("a positive number, e.g. train.lr=2e-4", gt=0)
-    schedule: Literal["constant", "linear", "cosine"] = _field("constant, linear or cosine")
-    warmup: int = _field("a number of steps >= 0", ge=0)
-    steps: int | None = _field(default=None, hint="a positive number of steps (or train.epochs)", gt=0)
-    epochs: float | None = _field(default=None, hint="a positive number of epochs, or null", gt=0)
-    weight_decay: float = _field("a number >= 0", ge=0)
-    max_grad_norm: float | None = _field(default=None, hint="a number >= 0 (0 or null: no clipping)", ge=0)
-    log_every: int = _field("a positive number of steps", gt=0)
-    eval_steps: list[Annotated[int, Field(gt=0)]] = _field("a list of positive steps, e.g. 'train.eval_steps=[50,100]'")
-    eval_batch: int = _field("a positive integer", gt=0)
-    checkpoint_every: int = _field("a number of steps >= 0 (0: no checkpoints)", ge=0)
-    mixed_precision: Literal["bf16"] | None = _field(default=None, hint="null or bf16")
-    spectrum: StrictBool = _field("true or false")
-    progress: StrictBool = _field("true or false")
+class Train(Section):
+    global_batch: int = setting("a positive integer, e.g. train.global_batch=64", gt=0)
+    micro_batch: int = setting("a positive integer that divides train.global_batch", gt=0)
+    lr: float = setting("a positive number, e.g. train.lr=2e-4", gt=0)
+    schedule: Literal["constant", "linear", "cosine"] = setting("constant, linear or cosine")
+    warmup: int = setting("a number of steps >= 0", ge=0)
+    steps: int | None = setting(default=None, hint="a positive number of steps (or train.epochs)", gt=0)
+    epochs: float | None = setting(default=None, hint="a positive number of epochs, or null", gt=0)
+    weight_decay: float = setting("a number >= 0", ge=0)
+    max_grad_norm: float | None = setting(default=None, hint="a number >= 0 (0 or null: no clipping)", ge=0)
+    log_every: int = setting("a positive number of steps", gt=0)
+    eval_steps: list[Annotated[int, Field(gt=0)]] = setting(
+        "a list of positive steps, e.g. 'train.eval_steps=[50,100]'"
+    )
+    eval_batch: int = setting("a positive integer", gt=0)
+    checkpoint_every: int = setting("a number of steps >= 0 (0: no checkpoints)", ge=0)
+    mixed_precision: Literal["bf16"] | None = setting(default=None, hint="null or bf16")
+    spectrum: StrictBool = setting("true or false")
+    progress: StrictBool = setting("true or false")
 
 
-class Run(_Section):
-    root: str = _field("a folder for run folders, e.g. run.root=runs", min_length=1)
-    experiment: str = _field("a name, e.g. run.experiment=adhoc", min_length=1)
-    dir: str | None = _field(default=None, hint="a folder for this run, or null")
+class Run(Section):
+    root: str = setting("a folder for run folders, e.g. run.root=runs", min_length=1)
+    experiment: str = setting("a name, e.g. run.experiment=adhoc", min_length=1)
+    dir: str | None = setting(default=None, hint="a folder for this run, or null")
 
 
-class Launcher(_Section):
-    name: Literal["local", "ddp", "deepspeed_zero2", "deepspeed_zero3"] = _field(
+class Launcher(Section):
+    name: Literal["local", "ddp", "deepspeed_zero2", "deepspeed_zero3"] = setting(
         "one of local, ddp, deepspeed_zero2, deepspeed_zero3 (launcher=...)"
     )
-    num_processes: int = _field("a positive number of processes per machine", gt=0)
-    num_machines: int = _field("a positive number of machines", default=1, gt=0)
-    machine_rank: int = _field("this machine's rank, from 0", default=0, ge=0)
-    main_process_port: int = _field("a TCP port, 1..65535", default=29500, gt=0, lt=65536)
+    num_processes: int = setting("a positive number of processes per machine", gt=0)
+    num_machines: int = setting("a positive number of machines", default=1, gt=0)
+    machine_rank: int = setting("this machine's rank, from 0", default=0, ge=0)
+    main_process_port: int = setting("a TCP port, 1..65535", default=29500, gt=0, lt=65536)
 
 
-class Model(_Section):
-    name: str = _field("a model config name (model=...)", min_length=1)
-    dtype: Literal["float32", "bfloat16", "float16"] = _field("float32, bfloat16 or float16")
+class Model(Section):
+    name: str = setting("a model config name (model=...)", min_length=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = setting("float32, bfloat16 or float16")
 
 
-class Adapter(_Section):
-    method: str = _field("an adapter config (adapter=...)", min_length=1)
-    r: int | None = _field(default=None, hint="a positive integer rank, e.g. adapter.r=8", gt=0)
-    alpha: float | None = _field(default=None, hint="a positive number", gt=0)
-    dropout: float | None = _field(default=None, hint="a probability in [0, 1)", ge=0, lt=1)
-    target_modules: list[str] | None = _field(
+class Adapter(Section):
+    method: str = setting("an adapter config (adapter=...)", min_length=1)
+    r: int | None = setting(default=None, hint="a positive integer rank, e.g. adapter.r=8", gt=0)
+    alpha: float | None = setting(default=None, hint="a positive number", gt=0)
+    dropout: float | None = setting(default=None, hint="a probability in [0, 1)", ge=0, lt=1)
+    target_modules: list[str] | None = setting(
         default=None, hint="a list of module names, e.g. '[q_proj,v_proj]'", min_length=1
     )
 
 
-class Composed(_Section):
+class Composed(Section):
     """A composed config: train.yaml's sections (mora.inspect's config has only model and adapter)."""
 
-    seed: int | None = _field("an integer, e.g. seed=0", default=None)
+    seed: int | None = setting("an integer, e.g. seed=0", default=None)
     train: Train | None = None
     run: Run | None = None
     model: Model | None = None
     adapter: Adapter | None = None
     launcher: Launcher | None = None
+
+
+class TaskSettings(Section):
+    """What every task section has; a recipe's `Settings` adds its own fields."""
+
+    name: str = setting("a task config name (task=...)", min_length=1)
+    recipe: str | None = setting(default=None, hint="a recipe module of mora/tasks, or null (the task's name)")
+
+
+class Source(Section):
+    """A dataset to read with `datasets.load_dataset(path, name, split=split, data_files=data_files)`."""
+
+    path: str | None = setting(default=None, hint="a hub dataset id or a builder (json, text), e.g. json")
+    name: str | None = setting(default=None, hint="a dataset config name, or null")
+    split: str = setting("a split name, e.g. train", min_length=1)
+    data_files: str | list[str] | dict[str, str | list[str]] | None = setting(
+        default=None, hint="local files, e.g. '[/data/train.jsonl]' or '{train: /data/train.jsonl}', or null"
+    )
+
+
+class TextEval(Section):
+    """A text task's evaluation through lm-eval (mora.evaluation.columns)."""
+
+    columns: list[str] = setting("a list of Table 1 columns, e.g. '[gsm8k,math]'", min_length=1)
+    source: Literal["hub", "fixture"] = setting("hub or fixture")
+    batch_size: int = setting("a positive integer", gt=0)
+    limit: int | None = setting(default=None, hint="a positive number of documents, or null (all)", gt=0)
+    max_length: int | None = setting(default=None, hint="a positive number of tokens, or null (the model's)", gt=0)
+    gen_kwargs: dict[str, Any] | None = setting(default=None, hint="a mapping, e.g. '{max_gen_toks: 64}', or null")
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, value: list[str]) -> list[str]:
+        from mora.evaluation.columns import columns
+
+        known = columns()
+        unknown = [name for name in value if name not in known]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not a column (the columns are {', '.join(known)})")
+        return value
+
+
+def check_task(task: DictConfig | Mapping[str, Any], settings: type[BaseModel]) -> None:
+    """Raise ConfigError on the first bad value of a task section, checked against its recipe's `Settings`."""
+    data = OmegaConf.to_container(task, resolve=True) if isinstance(task, DictConfig) else dict(task)
+    try:
+        settings.model_validate(data)
+    except ValidationError as errors:
+        raise ConfigError(_line(errors.errors()[0], settings, "task")) from None
 
 
 def check(cfg: DictConfig | Mapping[str, Any]) -> None:
@@ -125,16 +181,17 @@ def check_folder(key: str, path: Path) -> None:
         raise ConfigError(f"{key} {str(path)!r}: cannot be created ({parent} is not writable); give a writable place")
 
 
-def _line(error: Mapping[str, Any]) -> str:
+def _line(error: Mapping[str, Any], root: type[BaseModel] | None = None, prefix: str = "") -> str:
     path = [part for part in error["loc"] if isinstance(part, str)]  # field names; a list item's index dropped
-    key = ".".join(path)
-    why = error["msg"][0].lower() + error["msg"][1:]
-    return f"{key} {error.get('input')!r}: {why}; give {key} as {_hint(path)}"
+    key = ".".join([prefix, *path] if prefix else path)
+    why = error["msg"].removeprefix("Value error, ")
+    why = why[0].lower() + why[1:]
+    return f"{key} {error.get('input')!r}: {why}; give {key} as {_hint(path, root or Composed)}"
 
 
-def _hint(path: list[str]) -> str:
+def _hint(path: list[str], root: type[BaseModel]) -> str:
     # the hint of the innermost field on the path: Composed -> Train -> lr, say (a section may be `Launcher | None`)
-    model: type[BaseModel] | None = Composed
+    model: type[BaseModel] | None = root
     hint = "a value of the right type"
     for part in path:
         info = model.model_fields.get(part) if model is not None else None
