@@ -213,12 +213,13 @@ def slurm_parameters(overrides: list[str]) -> dict[str, Any]:
     return params
 
 
-def executor(cluster: str, params: dict[str, Any], folder: Path):
-    """submitit's executor for one-node jobs of one task (mora.launch starts the run's processes on the node)."""
+def executor(cluster: str, params: dict[str, Any], folder: Path) -> Any:
+    """submitit's executor (AutoExecutor) for one-node jobs of one task: mora.launch starts the run's processes on
+    the node."""
     import submitit
 
-    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster)
-    executor.update_parameters(
+    jobs = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster)
+    jobs.update_parameters(
         timeout_min=params["time"],
         nodes=1,
         tasks_per_node=1,
@@ -229,10 +230,12 @@ def executor(cluster: str, params: dict[str, Any], folder: Path):
         slurm_setup=list(params["setup"]),
         slurm_additional_parameters=dict(params["additional_parameters"]),
     )
-    return executor
+    return jobs
 
 
-def submit(todo: list[Run], launcher: str, nproc: int, cluster: str, params: dict[str, Any], folder: Path) -> list:
+def submit(
+    todo: list[Run], launcher: str, nproc: int, cluster: str, params: dict[str, Any], folder: Path
+) -> list[tuple[Run, Any]]:
     """Each run's command line as one job through submitit; returns (run, job) pairs."""
     from submitit.helpers import CommandFunction
 
@@ -246,7 +249,7 @@ def submit(todo: list[Run], launcher: str, nproc: int, cluster: str, params: dic
     return submitted
 
 
-def wait(submitted: list) -> None:
+def wait(submitted: list[tuple[Run, Any]]) -> None:
     """Every job's end; a failed one stops the command with its run and log."""
     for run, job in submitted:
         try:

@@ -144,8 +144,7 @@ def table2_part(
     for path in sorted(runs.glob("*/summary.json")):
         s = json.loads(path.read_text())
         keep = ("method", "rank", "lr", "seed", "status", "steps", "tokens", "tokens_per_s", "startup_s", "wall_s")
-        keep += ("evals",)
-        keep += ("trainable_params", "error")
+        keep += ("evals", "trainable_params", "error")
         summaries.append({"run": path.parent.name, **{k: s.get(k) for k in keep}})
     part["runs"] = summaries
     finished = [s for s in summaries if s["status"] == "finished" and s["run"] != "base"]

@@ -336,6 +336,23 @@ def test_no_grad_path_equals_the_plain_delta(compression, d_in, d_out, size):
 ROPE_CASES = [case for case in CASES if case[0] == "rope"] + WRAPS_TWICE[2:]
 
 
+def _check_forward_autograd_and_vjp(x, M, compression, d_out):
+    # against x @ delta_weight.T in float64: add_delta_ without autograd, autograd through it, and delta_vjp_ into a
+    # gradient that already holds something (grad_x alone as well)
+    g = torch.randn(*x.shape[:-1], d_out, dtype=torch.float64)
+    base = torch.randn(*x.shape[:-1], d_out, dtype=torch.float64)
+    reference = x @ delta_weight(M, x.shape[-1], d_out, compression).T
+    want_x, want_M = torch.autograd.grad(reference, (x, M), g)
+    with torch.no_grad():
+        assert torch.allclose(add_delta_(base.clone(), x, M, compression), base + reference, atol=1e-12)
+    got_x, got_M = torch.autograd.grad(add_delta_(base.clone(), x, M, compression), (x, M), g)
+    assert torch.allclose(got_x, want_x, atol=1e-10) and torch.allclose(got_M, want_M, atol=1e-10)
+    grad_x = torch.ones_like(want_x)
+    grad_M = delta_vjp_(g, x.detach(), M.detach(), compression, grad_x=grad_x)
+    assert torch.allclose(grad_x, 1 + want_x, atol=1e-12) and torch.allclose(grad_M, want_M, atol=1e-12)
+    assert delta_vjp_(g, x.detach(), M.detach(), compression, want_M=False) is None
+
+
 @pytest.mark.parametrize("rotates_input", [True, False], ids=["rotated-x", "rotated-M"])
 @pytest.mark.parametrize("compression,d_in,d_out,size", ROPE_CASES)
 def test_rope_rotating_the_input_or_the_blocks_gives_the_same_numbers(rotates_input, compression, d_in, d_out, size):
@@ -346,16 +363,7 @@ def test_rope_rotating_the_input_or_the_blocks_gives_the_same_numbers(rotates_in
     torch.manual_seed(15)
     M = torch.randn(size, size, dtype=torch.float64, requires_grad=True)
     x = torch.randn(n, d_in, dtype=torch.float64, requires_grad=True)
-    g, base = torch.randn(n, d_out, dtype=torch.float64), torch.randn(n, d_out, dtype=torch.float64)
-    reference = x @ delta_weight(M, d_in, d_out, compression).T
-    want_x, want_M = torch.autograd.grad(reference, (x, M), g)
-    with torch.no_grad():
-        assert torch.allclose(add_delta_(base.clone(), x, M, compression), base + reference, atol=1e-12)
-    got_x, got_M = torch.autograd.grad(add_delta_(base.clone(), x, M, compression), (x, M), g)
-    assert torch.allclose(got_x, want_x, atol=1e-10) and torch.allclose(got_M, want_M, atol=1e-10)
-    grad_x = torch.ones(n, d_in, dtype=torch.float64)
-    grad_M = delta_vjp_(g, x.detach(), M.detach(), compression, grad_x=grad_x)
-    assert torch.allclose(grad_x, 1 + want_x, atol=1e-12) and torch.allclose(grad_M, want_M, atol=1e-12)
+    _check_forward_autograd_and_vjp(x, M, compression, d_out)
 
 
 @pytest.mark.parametrize("n", [9, 1100], ids=["rotated-x", "rotated-M"])
@@ -389,14 +397,4 @@ def test_batched_chunk_path_equals_delta_weight(compression, d_in, d_out, size, 
     torch.manual_seed(17)
     M = torch.randn(size, size, dtype=torch.float64, requires_grad=True)
     x = torch.randn(4, 2, d_in, dtype=torch.float64).transpose(0, 1).requires_grad_()  # (2, 4, d_in), strided
-    g, base = torch.randn(2, 4, d_out, dtype=torch.float64), torch.randn(2, 4, d_out, dtype=torch.float64)
-    reference = x @ delta_weight(M, d_in, d_out, compression).T
-    want_x, want_M = torch.autograd.grad(reference, (x, M), g)
-    with torch.no_grad():
-        assert torch.allclose(add_delta_(base.clone(), x, M, compression), base + reference, atol=1e-12)
-    got_x, got_M = torch.autograd.grad(add_delta_(base.clone(), x, M, compression), (x, M), g)
-    assert torch.allclose(got_x, want_x, atol=1e-10) and torch.allclose(got_M, want_M, atol=1e-10)
-    grad_x = torch.ones(2, 4, d_in, dtype=torch.float64)
-    grad_M = delta_vjp_(g, x.detach(), M.detach(), compression, grad_x=grad_x)
-    assert torch.allclose(grad_x, 1 + want_x, atol=1e-12) and torch.allclose(grad_M, want_M, atol=1e-12)
-    assert delta_vjp_(g, x.detach(), M.detach(), compression, want_M=False) is None
+    _check_forward_autograd_and_vjp(x, M, compression, d_out)
