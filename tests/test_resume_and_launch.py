@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from mora.launch import command, resolved_deepspeed_config
 from mora.models import build_model
 from mora.paths import CONFIG_DIR, REPO_ROOT
+from mora.tasks import task_tokenizer
 from mora.tasks.uuid import char_tokenizer
 from mora.training.run import config_hash, run
 
@@ -160,6 +161,19 @@ def pretrained_base(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def metamath_base(tmp_path_factory) -> Path:
+    """A tiny LLaMA with MetaMath's fixture tokenizer, saved like a hub model (see pretrained_base)."""
+    folder = tmp_path_factory.mktemp("metamath-base")
+    cfg = _compose("task=metamath")
+    tokenizer = task_tokenizer(cfg.task)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg["config"]["vocab_size"] = len(tokenizer)
+    build_model(model_cfg, seed=3).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def _launch(launcher: str, overrides: list[str], port: int, machines: int = 1) -> list[subprocess.Popen]:
     """`python -m mora.launch` once per machine (all on this host, as on a cluster with a shared filesystem)."""
     per_machine = 2 // machines
@@ -226,10 +240,11 @@ def test_two_processes_give_the_one_process_loss_curve(tmp_path, pretrained_base
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("launcher", ["ddp", "deepspeed_zero2"])
-def test_a_text_task_on_two_processes_trains_and_evaluates_as_on_one(tmp_path, launcher):
-    """MetaMath on its fixture, evaluated through lm-eval in every process (lm-eval answers on LOCAL_RANK 0 only;
-    the engine takes process 0's scores)."""
+@pytest.mark.parametrize("launcher", ["ddp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_a_text_task_on_two_processes_trains_and_evaluates_as_on_one(tmp_path, metamath_base, launcher):
+    """MetaMath on its fixture, evaluated through lm-eval data-parallel: 3 documents a benchmark split over the 2
+    processes (one padded), gathered on process 0, whose scores the engine takes; under ZeRO-3 with every weight
+    partitioned, so that both processes must run the same forwards and generation steps."""
     overrides = [
         "task=metamath",
         "adapter=mora",
@@ -241,20 +256,27 @@ def test_a_text_task_on_two_processes_trains_and_evaluates_as_on_one(tmp_path, l
         "train.global_batch=8",
         "train.log_every=1",
         "train.progress=false",
-        "task.eval.limit=2",
+        "task.eval.limit=3",
+        "task.eval.batch_size=1",  # one forward a request group: unequal counts would hang ZeRO-3
         "task.eval.gen_kwargs={max_gen_toks:8}",
-        "task.eval.columns=[gsm8k]",
+        "task.eval.columns=[gsm8k,mmlu_0]",  # generation, and multiple choice (4 requests a document)
+        f"model.pretrained={metamath_base}",  # the same weights on every launcher (ZeRO-3 draws its own otherwise)
     ]
     single = tmp_path / "single"
     run(_compose(*overrides, "train.micro_batch=8", f"run.dir={single}"))
     double = tmp_path / launcher
-    _wait(_launch(launcher, [*overrides, "train.micro_batch=4", f"run.dir={double}"], port=29561))
+    launch_only = ["train.micro_batch=4"]
+    if launcher == "deepspeed_zero3":
+        launch_only.append("launcher.deepspeed_overrides={zero_optimization:{stage3_param_persistence_threshold:0}}")
+    _wait(_launch(launcher, [*overrides, *launch_only, f"run.dir={double}"], port=29561))
     one, two = (json.loads((d / "summary.json").read_text()) for d in (single, double))
     assert two["status"] == "finished" and two["world_size"] == 2 and two["data_hash"] == one["data_hash"]
     for a, b in zip(_train_records(single), _train_records(double), strict=True):
         assert abs(a["train/loss"] - b["train/loss"]) <= 1e-3, (a, b)
     assert two["evaluation"]["scores"] == pytest.approx(one["evaluation"]["scores"])
-    assert two["evaluation"]["details"]["benchmarks"]["gsm8k"]["n"] == 2
+    details = one["evaluation"]["details"], two["evaluation"]["details"]
+    assert [d["processes"] for d in details] == [1, 2]
+    assert details[1]["benchmarks"]["gsm8k"]["n"] == 3
 
 
 @pytest.mark.multiprocess

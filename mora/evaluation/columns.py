@@ -147,6 +147,7 @@ def score_columns(
                 scores[f"{column.name}/{part.name}"] = score
         scores[column.name] = sum(part_scores) / len(part_scores)
     scores["details"] = {
+        "processes": getattr(lm, "world_size", 1),  # lm-eval split the documents among them (mora.evaluation.lm)
         "source": source,
         "limit": limit,
         "gen_kwargs": dict(gen_kwargs) if gen_kwargs else None,
