@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lm_eval.models.huggingface import HFLM
+
+from mora.evaluation.processes import partitioned, rank_world
 
 
 class LoglikelihoodResult(tuple):
@@ -26,10 +27,10 @@ class LoglikelihoodResult(tuple):
 
 
 class TokenCountingLM(HFLM):
-    partitioned = False  # ZeRO-3 weights across processes: every generation steps until all processes are done
+    zero3 = False  # weights partitioned across processes: every generation steps until all processes are done
 
     def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **kwargs: Any) -> torch.Tensor:
-        if self.partitioned:
+        if self.zero3:
             kwargs.setdefault("synced_gpus", True)
         return super()._model_generate(context, max_length, stop, **kwargs)
 
@@ -74,8 +75,8 @@ def wrap(model: torch.nn.Module, tokenizer: Any, batch_size: int, max_length: in
     one gathers the partitioned weights: lm-eval's logits cache, which merges requests that share a context and
     so gives a process with padding fewer forwards, is then off, and generation steps until every process is done.
     """
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    partitioned = world > 1 and any(hasattr(p, "ds_id") for p in model.parameters())  # DeepSpeed ZeRO-3's mark
+    rank, world = rank_world()
+    zero3 = world > 1 and partitioned(model)
     device = next(model.parameters()).device
     lm = TokenCountingLM(
         pretrained=model,
@@ -84,9 +85,9 @@ def wrap(model: torch.nn.Module, tokenizer: Any, batch_size: int, max_length: in
         device=str(device),
         max_length=max_length,
         add_bos_token=True,
-        logits_cache=not partitioned,
+        logits_cache=not zero3,
     )
     if world > 1:
-        lm._rank, lm._world_size, lm.accelerator = dist.get_rank(), world, _Processes()
-        lm.partitioned = partitioned
+        lm._rank, lm._world_size, lm.accelerator = rank, world, _Processes()
+        lm.zero3 = zero3
     return lm

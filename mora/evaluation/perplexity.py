@@ -16,6 +16,8 @@ import math
 import torch
 from torch import Tensor
 
+from mora.evaluation.processes import rank_world
+
 
 def block_loss_sum(model: torch.nn.Module, input_ids: Tensor) -> tuple[Tensor, int]:
     """(sum of next-token cross-entropies, predicted tokens) of a batch of full blocks (batch, block)."""
@@ -25,18 +27,12 @@ def block_loss_sum(model: torch.nn.Module, input_ids: Tensor) -> tuple[Tensor, i
     return loss, targets.numel()
 
 
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, blocks: Tensor, batch_size: int) -> dict[str, float]:
     """{"loss", "ppl", "tokens"} of the model on blocks (n, block_size) of token ids."""
     if len(blocks) == 0:
         raise ValueError("no validation block to score; the validation split is shorter than one block")
-    rank, world = _rank_world()
+    rank, world = rank_world()
     device = next(model.parameters()).device
     mine = blocks[rank::world]
     n_batches = math.ceil(math.ceil(len(blocks) / world) / batch_size)

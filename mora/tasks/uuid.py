@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,6 +20,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from mora.evaluation.processes import partitioned, rank_world
 from mora.tasks.data import IGNORE, Example, collate, epoch_batches
 from mora.training.schema import TaskSettings, setting
 
@@ -94,38 +96,63 @@ class UuidTask:
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, batch_size: int = 256) -> dict[str, Any]:
-        """Greedy generation of every value; character-level accuracy and exact match, in percent."""
+        """Greedy generation of every value; character-level accuracy and exact match, in percent.
+
+        In a run of several processes each generates its share of the pairs (pairs[rank::world]) and the sums are
+        reduced; every process runs the same number of batches (one with no pair left generates from <s> alone,
+        uncounted) and, under ZeRO-3, every generation steps until all processes are done."""
+        rank, world = rank_world()
+        sync = world > 1 and partitioned(model)
+        mine = self.pairs[rank::world]
+        n_batches = math.ceil(math.ceil(len(self.pairs) / world) / batch_size)
         was_training = model.training
         model.eval()
         tok = self.tokenizer
-        texts: list[str] = []
-        for start in range(0, len(self.pairs), batch_size):
-            chunk = self.pairs[start : start + batch_size]
+        device = next(model.parameters()).device
+        chars: list[float] = []
+        exact: list[bool] = []
+        for b in range(n_batches):
+            chunk = mine[b * batch_size : (b + 1) * batch_size]
             prompts = [[tok.bos_token_id, *tok(k + SEPARATOR, add_special_tokens=False).input_ids] for k, _ in chunk]
             targets = [v for _, v in chunk]
+            if not chunk:  # this process's share ran out: a generation anyway (ZeRO-3), not counted
+                prompts, targets = [[tok.bos_token_id]], [self.pairs[0][1]]
             max_new = max(len(tok(v, add_special_tokens=False).input_ids) for v in targets) + 1
-            generated = greedy_generate(model, prompts, max_new, tok.pad_token_id, tok.eos_token_id)
-            texts += [tok.decode(out, skip_special_tokens=True) for out in generated]
+            generated = greedy_generate(model, prompts, max_new, tok.pad_token_id, tok.eos_token_id, sync)
+            if chunk:
+                scores = pair_scores([tok.decode(out, skip_special_tokens=True) for out in generated], targets)
+                chars, exact = chars + scores[0], exact + scores[1]
+        sums = torch.tensor([sum(chars), sum(exact)], dtype=torch.float64, device=device)
+        if world > 1:
+            torch.distributed.all_reduce(sums)
         model.train(was_training)
-        return char_accuracy(texts, [v for _, v in self.pairs])
+        char_sum, exact_sum = sums.tolist()
+        return {"char_acc": 100.0 * char_sum / len(self.pairs), "exact": 100.0 * exact_sum / len(self.pairs)}
 
 
-def char_accuracy(generated: list[str], values: list[str]) -> dict[str, float]:
-    """Character-level accuracy: per pair, the share of the value's characters that the generation has at the same
-    position (missing characters count as wrong, extra ones are ignored), averaged over pairs; and exact match."""
+def pair_scores(generated: list[str], values: list[str]) -> tuple[list[float], list[bool]]:
+    """Per pair: the share of the value's characters that the generation has at the same position (missing
+    characters count as wrong, extra ones are ignored), and whether it is exact."""
     if len(generated) != len(values) or not values:
         raise ValueError(f"need one generation per value, got {len(generated)} for {len(values)}")
     per_pair = [
         sum(a == b for a, b in zip(g, v, strict=False)) / len(v) for g, v in zip(generated, values, strict=True)
     ]
     exact = [g[: len(v)] == v for g, v in zip(generated, values, strict=True)]
+    return per_pair, exact
+
+
+def char_accuracy(generated: list[str], values: list[str]) -> dict[str, float]:
+    """Character-level accuracy (pair_scores averaged over pairs) and exact match, in percent."""
+    per_pair, exact = pair_scores(generated, values)
     return {"char_acc": 100.0 * sum(per_pair) / len(values), "exact": 100.0 * sum(exact) / len(values)}
 
 
 def greedy_generate(
-    model: torch.nn.Module, prompts: list[list[int]], max_new: int, pad_id: int, eos_id: int
+    model: torch.nn.Module, prompts: list[list[int]], max_new: int, pad_id: int, eos_id: int, sync: bool = False
 ) -> list[list[int]]:
-    """Left-padded batched greedy decoding with a KV cache; stops each row at eos."""
+    """Left-padded batched greedy decoding with a KV cache; stops each row at eos (sync: steps until every process
+    is done, for weights partitioned across processes)."""
     width = max(len(p) for p in prompts)
     device = next(model.parameters()).device
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
@@ -140,6 +167,7 @@ def greedy_generate(
         do_sample=False,
         pad_token_id=pad_id,
         eos_token_id=eos_id,
+        synced_gpus=sync,
     )
     rows = []
     for row in out[:, width:].tolist():
