@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mora.tasks.data import collate
-from mora.tasks.uuid import UuidTask, char_accuracy, char_tokenizer, encode, generate_pairs
+from mora.tasks.uuid import UuidTask, char_tokenizer, encode, generate_pairs, pair_scores
 
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
@@ -33,12 +33,13 @@ def test_loss_is_on_the_value_only():
 
 
 def test_char_accuracy_definition():
+    # per pair: the share of the value's characters at the same position (missing ones wrong, extra ones ignored)
     values = ["abcd", "abcd"]
-    assert char_accuracy(["abcd", "abcd"], values) == {"char_acc": 100.0, "exact": 100.0}
-    assert char_accuracy(["abxd", ""], values) == {"char_acc": 37.5, "exact": 0.0}
-    assert char_accuracy(["abcdzz", "ab"], values)["char_acc"] == 75.0
+    assert pair_scores(["abcd", "abcd"], values) == ([1.0, 1.0], [True, True])  # char_acc 100, exact 100
+    assert pair_scores(["abxd", ""], values) == ([0.75, 0.0], [False, False])  # char_acc 37.5, exact 0
+    assert pair_scores(["abcdzz", "ab"], values)[0] == [1.0, 0.5]  # char_acc 75
     with pytest.raises(ValueError, match="one generation per value"):
-        char_accuracy(["a"], values)
+        pair_scores(["a"], values)
 
 
 def test_epoch_order_and_batches_are_deterministic():

@@ -120,8 +120,9 @@ class UuidTask:
             max_new = max(len(tok(v, add_special_tokens=False).input_ids) for v in targets) + 1
             generated = greedy_generate(model, prompts, max_new, tok.pad_token_id, tok.eos_token_id, sync)
             if chunk:
-                scores = pair_scores([tok.decode(out, skip_special_tokens=True) for out in generated], targets)
-                chars, exact = chars + scores[0], exact + scores[1]
+                share, hit = pair_scores([tok.decode(out, skip_special_tokens=True) for out in generated], targets)
+                chars += share
+                exact += hit
         sums = torch.tensor([sum(chars), sum(exact)], dtype=torch.float64, device=device)
         if world > 1:
             torch.distributed.all_reduce(sums)
@@ -132,7 +133,8 @@ class UuidTask:
 
 def pair_scores(generated: list[str], values: list[str]) -> tuple[list[float], list[bool]]:
     """Per pair: the share of the value's characters that the generation has at the same position (missing
-    characters count as wrong, extra ones are ignored), and whether it is exact."""
+    characters count as wrong, extra ones are ignored; their mean over pairs, in percent, is `char_acc`), and
+    whether it is exact."""
     if len(generated) != len(values) or not values:
         raise ValueError(f"need one generation per value, got {len(generated)} for {len(values)}")
     per_pair = [
@@ -140,12 +142,6 @@ def pair_scores(generated: list[str], values: list[str]) -> tuple[list[float], l
     ]
     exact = [g[: len(v)] == v for g, v in zip(generated, values, strict=True)]
     return per_pair, exact
-
-
-def char_accuracy(generated: list[str], values: list[str]) -> dict[str, float]:
-    """Character-level accuracy (pair_scores averaged over pairs) and exact match, in percent."""
-    per_pair, exact = pair_scores(generated, values)
-    return {"char_acc": 100.0 * sum(per_pair) / len(values), "exact": 100.0 * sum(exact) / len(values)}
 
 
 def greedy_generate(
