@@ -143,6 +143,7 @@ def test_table2_report_from_runs(tmp_path):
                 method = cell["adapter"]
                 overrides = smoke_overrides(method, "uuid", 2, tmp_path / "runs" / f"{cell['name']}-lr{lr:g}-s{seed}")
                 run(_compose(*overrides, f"train.lr={lr}", f"seed={seed}"))
+    run(_compose(*smoke_overrides("fft", "uuid", 2, tmp_path / "runs" / "base"), "task.data_seed=1"))
     paths = write_results(tmp_path / "runs", tmp_path / "out", "tiny", cells)
     assert all(p.exists() for p in paths)
     rows = list(csv.DictReader(paths[1].open()))
@@ -154,8 +155,15 @@ def test_table2_report_from_runs(tmp_path):
     assert "| MoRA (rope) | 8 | 10.1 | 15.7 | 87.4 | 100 |" in table and "±" in table
     assert "| MoRA (rope) |  |  |  |  |  | " in table  # a row of ours alone has no paper numbers
     assert "0.01 ↑" in table or "0.001 ↓" in table  # the best LR of a 2-point grid sits at an edge, marked
+    base = json.loads((tmp_path / "runs" / "base" / "summary.json").read_text())["evaluation"]["scores"]
+    line = "Every cell starts from the base model in `runs/tiny/base/`: FFT, 2 steps of 8 on 16 pairs (data_seed 1; "
+    line += f"the cells': 0); on its own pairs it reached {base['char_acc']:.1f}% character accuracy "
+    assert line + f"({base['exact']:.1f}% exact) at step 2." in table.splitlines()
     assert (tmp_path / "out" / "runs" / "tiny" / "fft-lr0.001-s0" / "config.yaml").exists()
     assert (tmp_path / "out" / "runs" / "tiny" / "fft-lr0.001-s0" / "env.json").exists()
+    kept = tmp_path / "out" / "runs" / "tiny"  # the report rebuilt from the kept records leaves them in place
+    assert write_results(kept, tmp_path / "out", "tiny", cells) == paths and paths[0].read_text() == table
+    assert len(list(kept.glob("*/summary.json"))) == 9  # 8 cell runs and the base
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ mean ± std, and copying the run records beside the tables."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 from collections import defaultdict
@@ -10,7 +11,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 RECORDS = ("config.yaml", "env.json", "summary.json", "metrics.jsonl")
+
+
+def load_runs(root: Path) -> list[dict[str, Any]]:
+    """Finished runs under root: summary, config and metrics of each."""
+    runs = []
+    for summary_path in sorted(root.glob("*/summary.json")):
+        summary = json.loads(summary_path.read_text())
+        if summary.get("status") != "finished":
+            continue
+        folder = summary_path.parent
+        metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        runs.append({"dir": folder, "summary": summary, "metrics": metrics, "config": config})
+    return runs
 
 
 def point(run: dict[str, Any]) -> str:
@@ -48,7 +65,10 @@ def mean_std(values: list[float], digits: int = 1) -> str:
 
 
 def copy_records(runs: list[dict[str, Any]], kept: Path, extra: tuple[str, ...] = ()) -> None:
-    """Each run's records (and `extra` files where present) into kept/<run folder name>/, replacing kept."""
+    """Each run's records (and `extra` files where present) into kept/<run folder name>/, replacing kept. Runs that
+    already lie in kept (a report rebuilt from the kept records themselves) are left as they are."""
+    if any(run["dir"].resolve().is_relative_to(kept.resolve()) for run in runs):
+        return
     shutil.rmtree(kept, ignore_errors=True)
     for run in runs:
         target = kept / run["dir"].name

@@ -14,8 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from mora.reporting.common import best_points, copy_records, lr_cell, mean_std
-from mora.reporting.table2 import PAPER_ROWS, _acc_by_step, load_runs
+from mora.reporting.common import best_points, copy_records, load_runs, lr_cell, mean_std
+from mora.reporting.table2 import PAPER_ROWS, acc_by_step
 
 BITS_PER_VALUE = 128
 RANKS = {"low": ("lora-r8", "mora-r8"), "high": ("lora-r256", "mora-r256")}  # the paper's r = 8 and r = 256 cells
@@ -24,11 +24,11 @@ CSV_COLUMNS += ("lr", "seed", "mean_acc", "final_acc")
 
 
 def mean_acc(run: dict[str, Any]) -> float:
-    return statistics.mean(_acc_by_step(run).values())
+    return statistics.mean(acc_by_step(run).values())
 
 
 def final_acc(run: dict[str, Any]) -> float:
-    accs = _acc_by_step(run)
+    accs = acc_by_step(run)
     return accs[max(accs)]
 
 

@@ -13,8 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from mora.reporting.common import best_points, copy_records, mean_std
-from mora.reporting.table2 import load_runs
+from mora.reporting.common import best_points, copy_records, load_runs, mean_std
 
 # (column key in our summaries, Table 1 header, the task that trains for it)
 COLUMNS = (

@@ -7,14 +7,11 @@ numbers (PAPER.md, Table 2).
 from __future__ import annotations
 
 import csv
-import json
-import shutil
 import statistics
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import yaml
+from mora.reporting.common import best_points, copy_records, load_runs, lr_cell, mean_std
 
 # PAPER.md Table 2: character-level accuracy at steps 300/500/700/900 (LLaMA-2-7B).
 PAPER_STEPS = (300, 500, 700, 900)
@@ -36,51 +33,14 @@ def method_label(summary: dict[str, Any]) -> str:
     return f"{name} ({summary['compression']})" if summary["method"] == "mora" else name
 
 
-def load_runs(root: Path) -> list[dict[str, Any]]:
-    """Finished runs under root: summary, config and metrics of each."""
-    runs = []
-    for summary_path in sorted(root.glob("*/summary.json")):
-        summary = json.loads(summary_path.read_text())
-        if summary.get("status") != "finished":
-            continue
-        folder = summary_path.parent
-        metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
-        config = yaml.safe_load((folder / "config.yaml").read_text())
-        runs.append({"dir": folder, "summary": summary, "metrics": metrics, "config": config})
-    return runs
-
-
-def _cell_of(run: dict[str, Any], cells: list[dict[str, Any]]) -> str | None:
-    name = run["dir"].name
-    for cell in cells:
-        if name.startswith(cell["name"] + "-lr"):
-            return cell["name"]
-    return None
-
-
-def _acc_by_step(run: dict[str, Any]) -> dict[int, float]:
+def acc_by_step(run: dict[str, Any]) -> dict[int, float]:
     return {e["step"]: e["eval/char_acc"] for e in run["summary"]["evals"]}
 
 
 def select(runs: list[dict[str, Any]], cells: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Per cell, the runs (all seeds) of the learning rate with the best mean accuracy over the evaluated steps,
     averaged over seeds (the paper picks the best LR of a small grid, PAPER.md §2.6)."""
-    by_cell_lr: dict[str, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
-    for run in runs:
-        cell = _cell_of(run, cells)
-        if cell is not None:
-            by_cell_lr[cell][run["summary"]["lr"]].append(run)
-
-    def score(group: list[dict[str, Any]]) -> float:
-        return statistics.mean(statistics.mean(_acc_by_step(r).values()) for r in group)
-
-    return {cell: max(lrs.values(), key=score) for cell, lrs in by_cell_lr.items()}
-
-
-def _mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+    return best_points(runs, cells, lambda run: statistics.mean(acc_by_step(run).values()))
 
 
 def write_csv(path: Path, chosen: dict[str, list[dict[str, Any]]]) -> None:
@@ -93,7 +53,7 @@ def write_csv(path: Path, chosen: dict[str, list[dict[str, Any]]]) -> None:
         for group in chosen.values():
             for run in sorted(group, key=lambda r: r["summary"]["seed"]):
                 s = run["summary"]
-                for step, acc in sorted(_acc_by_step(run).items()):
+                for step, acc in sorted(acc_by_step(run).items()):
                     writer.writerow(
                         [
                             "ours",
@@ -107,8 +67,38 @@ def write_csv(path: Path, chosen: dict[str, list[dict[str, Any]]]) -> None:
                     )
 
 
-def write_markdown(path: Path, chosen: dict[str, list[dict[str, Any]]], profile: str, cells: list[dict]) -> None:
-    steps = sorted({step for group in chosen.values() for run in group for step in _acc_by_step(run)})
+def base_line(base: dict[str, Any], profile: str, cells_data_seed: int | None) -> str:
+    """What the cells start from, and how far it learned its own pairs: the first `gpu` sizings' bases stopped at
+    the UUID format's level (about 20%), and every cell started from them learned nothing."""
+    s, task = base["summary"], base["config"]["task"]
+    seeds = f"data_seed {task['data_seed']}" + (
+        f"; the cells': {cells_data_seed}" if cells_data_seed not in (None, task["data_seed"]) else ""
+    )
+    final = s["evals"][-1] if s["evals"] else {}
+    learned = (
+        f"on its own pairs it reached {final['eval/char_acc']:.1f}% character accuracy ({final['eval/exact']:.1f}% "
+        f"exact) at step {final['step']}"
+        if "eval/char_acc" in final
+        else "it was not evaluated"
+    )
+    return (
+        f"Every cell starts from the base model in `runs/{profile}/base/`: {METHOD_NAMES[s['method']]}, {s['steps']} "
+        f"steps of {s['global_batch']} on {task['n_pairs']:,} pairs ({seeds}); {learned}."
+    )
+
+
+def _data_seed(chosen: dict[str, list[dict[str, Any]]]) -> int | None:
+    return next((run["config"]["task"]["data_seed"] for group in chosen.values() for run in group), None)
+
+
+def write_markdown(
+    path: Path,
+    chosen: dict[str, list[dict[str, Any]]],
+    profile: str,
+    cells: list[dict],
+    base: dict[str, Any] | None = None,
+) -> None:
+    steps = sorted({step for group in chosen.values() for run in group for step in acc_by_step(run)})
     lines = [
         f"# Table 2: UUID memorization, character-level accuracy (%) — profile `{profile}`",
         "",
@@ -118,11 +108,7 @@ def write_markdown(path: Path, chosen: dict[str, list[dict[str, Any]]], profile:
         "each holds its config.yaml, env.json, summary.json and metrics.jsonl. A row without paper numbers is ours",
         "alone (e.g. the other MoRA operator at the high rank: the paper does not say which one its UUID runs used).",
         "",
-        *(
-            [f"Every cell starts from the base model trained in `runs/{profile}/base/` (see its config.yaml).", ""]
-            if any(r["config"]["model"].get("pretrained") for g in chosen.values() for r in g) and profile != "paper"
-            else []
-        ),
+        *([base_line(base, profile, _data_seed(chosen)), ""] if base is not None else []),
         "| Method | paper rank | paper "
         + " | paper ".join(map(str, PAPER_STEPS))
         + " | our rank | "
@@ -133,7 +119,7 @@ def write_markdown(path: Path, chosen: dict[str, list[dict[str, Any]]], profile:
     for cell in cells:
         paper_row = PAPER_ROWS.get(cell.get("paper", cell["name"]))
         group = chosen.get(cell["name"], [])
-        ours = [_mean_std([_acc_by_step(r)[s] for r in group]) for s in steps] if group else ["–"] * len(steps)
+        ours = [mean_std([acc_by_step(r)[s] for r in group]) for s in steps] if group else ["–"] * len(steps)
         s0 = group[0]["summary"] if group else {}
         method = method_label(s0) if group else cell["name"]
         rank, accs = (paper_row[1], [f"{a:g}" for a in paper_row[3]]) if paper_row else ("", [""] * len(PAPER_STEPS))
@@ -142,17 +128,9 @@ def write_markdown(path: Path, chosen: dict[str, list[dict[str, Any]]], profile:
             + " | ".join(accs)
             + f" | {s0.get('rank') or '-'} | "
             + " | ".join(ours)
-            + f" | {_lr_cell(s0.get('lr'), cell['lrs'])} | {len(group)} | {s0.get('trainable_params', 0):,} |"
+            + f" | {lr_cell(s0.get('lr'), cell['lrs'])} | {len(group)} | {s0.get('trainable_params', 0):,} |"
         )
     path.write_text("\n".join(lines) + "\n")
-
-
-def _lr_cell(lr: float | None, grid: list[float]) -> str:
-    # the chosen LR, marked where it sits at an edge of a grid of several (the optimum may lie beyond it)
-    if lr is None:
-        return "–"
-    edge = " ↑" if len(grid) > 1 and lr == max(grid) else " ↓" if len(grid) > 1 and lr == min(grid) else ""
-    return f"{lr:g}{edge}"
 
 
 def _curve(run: dict[str, Any], key: str) -> tuple[list[int], list[float]]:
@@ -217,17 +195,11 @@ def write_results(
         raise ValueError(f"no finished runs under {root}: run `make reproduce-table2 PROFILE={profile}` first")
     chosen = select(runs, cells)
     out.mkdir(parents=True, exist_ok=True)
-    kept = out / "runs" / profile
-    if kept.exists():
-        shutil.rmtree(kept)
-    for run in runs:
-        target = kept / run["dir"].name
-        target.mkdir(parents=True)
-        for name in ("config.yaml", "env.json", "summary.json", "metrics.jsonl"):
-            shutil.copy(run["dir"] / name, target / name)
+    copy_records(runs, out / "runs" / profile)
     suffix = "" if profile == "tiny" else f"_{profile}"
     paths = [out / f"table2{suffix}.md", out / f"table2{suffix}.csv", out / f"table2{suffix}.png"]
-    write_markdown(paths[0], chosen, profile, cells)
+    base = next((run for run in runs if run["dir"].name == "base"), None)  # the runner's base-model folder
+    write_markdown(paths[0], chosen, profile, cells, base)
     write_csv(paths[1], chosen)
     plot(paths[2], chosen, profile)
     return paths

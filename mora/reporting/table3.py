@@ -14,8 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from mora.reporting.common import best_points, copy_records, lr_cell, mean_std
-from mora.reporting.table2 import load_runs
+from mora.reporting.common import best_points, copy_records, load_runs, lr_cell, mean_std
 
 PAPER_MODELS = ("250M", "1.3B")
 PAPER_TABLE3 = {  # PAPER.md Table 3: C4 validation perplexity

@@ -12,8 +12,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from mora.reporting.common import best_points, copy_records, lr_cell, mean_std
-from mora.reporting.table2 import load_runs
+from mora.reporting.common import best_points, copy_records, load_runs, lr_cell, mean_std
 
 OPERATORS = (  # (compression, the paper's row, its equation)
     ("truncation", "Truncation", "Eq. 4"),
