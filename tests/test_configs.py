@@ -36,7 +36,7 @@ def test_every_composition_validates(experiment, profile, adapter):
     validate(cfg, world)
     if experiment == "table2":
         names = {"fft", "lora-r8", "mora-r8", "lora-r256", "mora-r256"} | (
-            {"mora-r256-rope"} if profile != "gpu" else set()
+            {"mora-r256-decouple"} if profile != "gpu" else set()
         )
         assert {c["name"] for c in cfg.grid[profile]} == names
 

@@ -214,21 +214,25 @@ def test_table_runner_refuses_a_finished_run_of_another_config(tmp_path):
 
 def test_table2_plot_gives_each_operator_one_colour_and_each_rank_one_style():
     rope, sharing = {"method": "mora", "compression": "rope"}, {"method": "mora", "compression": "sharing"}
+    decouple = {"method": "mora", "compression": "decouple"}
     lora, fft = {"method": "lora", "compression": None}, {"method": "fft", "compression": None}
     styles = {
         "mora-r8": line_style("mora-r8", rope),
         "mora-r256-rope": line_style("mora-r256-rope", rope),
+        "mora-r256-decouple": line_style("mora-r256-decouple", decouple),
         "mora-r256": line_style("mora-r256", sharing),
         "lora-r8": line_style("lora-r8", lora),
         "lora-r256": line_style("lora-r256", lora),
         "fft": line_style("fft", fft),
     }
     assert styles["mora-r8"][0] == styles["mora-r256-rope"][0] != styles["mora-r256"][0]  # rope: one colour
-    assert styles["lora-r8"][0] == styles["lora-r256"][0] not in {styles["mora-r8"][0], styles["mora-r256"][0]}
+    operators = [styles[name][0] for name in ("mora-r8", "mora-r256", "mora-r256-decouple", "lora-r8", "fft")]
+    assert len(set(operators)) == 5 and styles["lora-r8"][0] == styles["lora-r256"][0]
     assert {name: style for name, (_, style) in styles.items()} == {
         "mora-r8": "--",
         "lora-r8": "--",
         "mora-r256-rope": "-",
+        "mora-r256-decouple": "-",
         "mora-r256": "-",
         "lora-r256": "-",
         "fft": "-",

@@ -23,7 +23,7 @@ PAPER_ROWS = {
     "mora-r256": ("MoRA", 256, 639_433_088, (41.6, 100, 100, 100)),
 }
 METHOD_NAMES = {"fft": "FFT", "lora": "LoRA", "mora": "MoRA"}
-COLOURS = {"FFT": "black", "LoRA": "C0", "MoRA (sharing)": "C1", "MoRA (rope)": "C2"}  # per method / operator
+COLOURS = {"FFT": "black", "LoRA": "C0", "MoRA (sharing)": "C1", "MoRA (rope)": "C2", "MoRA (decouple)": "C3"}
 CSV_COLUMNS = ("source", "method", "rank", "trainable_params", "step", "char_acc", "seed")
 
 
