@@ -309,7 +309,9 @@ class _AddChunkOutputs(torch.autograd.Function):
         want_x, want_M = ctx.needs_input_grad[1:3]
         tables = None if cos is None else (cos, sin)
         grad_x = torch.zeros(x.shape, dtype=x.dtype, device=x.device) if want_x else None
-        grad_M = delta_vjp_(grad_out, x, M, ctx.compression, tables, grad_x, want_M)
+        # in the forward's dtype: a backward called inside an autocast region runs under it (mora.adapters.fused)
+        with torch.autocast(grad_out.device.type, enabled=False):
+            grad_M = delta_vjp_(grad_out, x, M, ctx.compression, tables, grad_x, want_M)
         return grad_out, grad_x, grad_M, None, None, None
 
 

@@ -7,6 +7,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from mora import MoraConfig
+from mora.adapters import mora as mora_math
 from mora.adapters.fused import fused_mora_linear
 from mora.adapters.mora import VJP_COMPRESSIONS
 from mora.adapters.peft_tuner import MoraLinear
@@ -178,3 +179,25 @@ def test_backward_under_an_autocast_region_computes_as_the_forward_did(compressi
         got = torch.autograd.grad(out, (x, layer.mora_M["default"]), grad)
     for a, b in zip(got, want, strict=True):
         assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("compression", ["rope", "decouple"])
+def test_unfused_chunk_backward_under_an_autocast_region_computes_as_the_forward_did(compression, batched, monkeypatch):
+    # the unfused layer's chunk operators (hooks, several adapters, checkpointing refuse the fused path) have their
+    # own autograd node: a backward called inside autocast must compute M's gradient in the forward's dtype there
+    # too, on the CPU's chunk loop and on the GPU's batched chunks (forced here); x's gradient also holds the base
+    # layer's, which torch computes under autocast
+    layer = _layer(compression, 64, 200, 4).float()
+    x = torch.randn(300, 64, requires_grad=True)
+    grad = torch.randn(300, 200)
+    monkeypatch.setattr(mora_math, "_batches_chunks", lambda x: batched)
+    with monkeypatch.context() as patch:
+        patch.setattr(MoraLinear, "_fusable", lambda *args: None)
+        out = layer(x)
+    assert type(out.grad_fn).__name__ == "_AddChunkOutputsBackward"
+    M = layer.mora_M["default"]
+    want = torch.autograd.grad(out, M, grad, retain_graph=True)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.autograd.grad(out, M, grad)[0]
+    assert got.dtype == torch.float32 and torch.equal(got, want)
