@@ -4,7 +4,6 @@ floors, and writing results/bench/ (or another folder)."""
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
 import statistics
@@ -19,6 +18,7 @@ import torch
 
 from mora.adapters.mora import surviving_chunks
 from mora.paths import REPO_ROOT
+from mora.provenance import commit
 
 RESULTS = REPO_ROOT / "results" / "bench"
 LLAMA_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
@@ -127,25 +127,6 @@ def _status_kib(field: str) -> int:
         if line.startswith(f"{field}:"):
             return int(line.split()[1])
     raise RuntimeError(f"{_STATUS} has no {field}")
-
-
-def commit() -> tuple[str, bool | None]:
-    """(commit, uncommitted changes?) of the checkout. MORA_COMMIT, where set, names the commit a copied tree came
-    from (a remote node's copy may lack .git or carry a stale one), and whether it had changes is unknown (None)."""
-    if os.environ.get("MORA_COMMIT"):
-        return os.environ["MORA_COMMIT"], None
-
-    def git(*args: str) -> str:
-        try:
-            result = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True)
-        except FileNotFoundError:  # no git on the node
-            return ""
-        return result.stdout.strip() if result.returncode == 0 else ""
-
-    head = git("rev-parse", "HEAD")
-    if not head:
-        return "unknown", None
-    return head, bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"))
 
 
 def machine() -> dict[str, Any]:

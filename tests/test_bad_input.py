@@ -117,3 +117,19 @@ def test_a_normal_tiny_run_prints_no_warning(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     output = result.stdout + result.stderr
     assert "warn" not in output.lower(), output[-2000:]
+
+
+def test_wandb_on_without_wandb_installed_stops_before_anything_is_written(tmp_path):
+    # a GPU node's own environment (the wheelhouse has no wandb): the default wandb.mode=offline is one line at the
+    # start, not an ImportError after the run folder was made
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text("import sys\nsys.modules['wandb'] = None\n")
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(REPO_ROOT)]))
+    args = ["train.steps=2", "train.eval_steps=[2]", f"run.dir={tmp_path / 'run'}"]
+    result = subprocess.run([sys.executable, "-m", "mora.train", *args], capture_output=True, text=True, env=env)
+    line = "error: wandb.mode=offline but wandb is not installed; pip install wandb, or set wandb.mode=disabled "
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [line + "(WANDB_MODE=disabled)"]
+    assert not (tmp_path / "run").exists()
+    result = subprocess.run([sys.executable, "-m", "mora.train", *args, "wandb.mode=disabled"], env=env)
+    assert result.returncode == 0 and (tmp_path / "run" / "summary.json").exists()

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import platform
 import resource
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +40,7 @@ from mora.adapters.peft_tuner import MoraLayer
 from mora.evaluation.spectrum import adapted_layers, initial_weights, iter_delta_weights, spectrum
 from mora.models import build_model, ensure_local
 from mora.paths import REPO_ROOT
+from mora.provenance import commit
 from mora.tasks import Task, build_task, recipe, task_tokenizer
 from mora.training.restarts import jagged_factor, schedule_factor
 from mora.training.schema import check, check_task
@@ -88,6 +89,11 @@ def validate(cfg: DictConfig, world: int = 1) -> None:
         )
     if t.get("spectrum") and deepspeed and "zero3" in str(cfg.launcher.name):
         raise ValueError("train.spectrum reads every weight on process 0, which ZeRO-3 partitions; use ZeRO-2 or DDP")
+    if wandb_mode(cfg) != "disabled" and importlib.util.find_spec("wandb") is None:  # a GPU node's own environment
+        raise ValueError(
+            f"wandb.mode={wandb_mode(cfg)} but wandb is not installed; pip install wandb, or set wandb.mode=disabled "
+            "(WANDB_MODE=disabled)"
+        )
 
 
 def check_build(cfg: DictConfig) -> None:
@@ -173,16 +179,10 @@ def environment(accelerator: Accelerator) -> dict[str, Any]:
     import peft
     import transformers
 
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-        except OSError:
-            return ""
-
+    sha, dirty = commit()
     return {
-        "git_sha": git("rev-parse", "HEAD"),
-        # changes to tracked files outside results/, which a table runner rewrites while its runs go on
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!results")),
+        "git_sha": sha,
+        "git_dirty": dirty,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -235,10 +235,14 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     )
 
 
+def wandb_mode(cfg: DictConfig) -> str:
+    """WANDB_MODE where set, else wandb.mode."""
+    return os.environ.get("WANDB_MODE") or str(cfg.wandb.mode)
+
+
 def start_wandb(cfg: DictConfig, out: Path, main: bool) -> Any:
     """A W&B run on rank 0 (offline unless wandb.mode=online), grouped by sweep / experiment."""
-    mode = os.environ.get("WANDB_MODE") or cfg.wandb.mode
-    if not main or mode == "disabled":
+    if not main or wandb_mode(cfg) == "disabled":
         return None
     import wandb
 
@@ -249,7 +253,7 @@ def start_wandb(cfg: DictConfig, out: Path, main: bool) -> Any:
         id=f"{out.parent.name}-{out.name}"[-128:].replace("/", "-"),
         resume="allow",
         dir=str(out),
-        mode=mode,
+        mode=wandb_mode(cfg),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
 
