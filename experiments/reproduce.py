@@ -249,37 +249,52 @@ def submit(
     return submitted
 
 
-def wait(submitted: list[tuple[Run, Any]]) -> None:
-    """Every job's end; a failed one stops the command with its run and log."""
+def wait(submitted: list[tuple[Run, Any]], keep_going: bool = False) -> list[str]:
+    """Every job's end; a failed one stops the command with its run and log, or with keep_going is listed (the
+    failed runs' lines are returned)."""
+    failed = []
     for run, job in submitted:
         try:
             job.result()
         except Exception as error:  # submitit's FailedJobError, UncompletedJobError (time limit, node failure)
-            raise SystemExit(
-                f"error: the job of {run.folder} ({job.job_id}) failed: {type(error).__name__}; see {job.paths.stderr}"
-            ) from None
+            line = f"the job of {run.folder} ({job.job_id}) failed: {type(error).__name__}; see {job.paths.stderr}"
+            if not keep_going:
+                raise SystemExit(f"error: {line}") from None
+            print(line, flush=True)
+            failed.append(line)
+            continue
         print(f"{run.folder.name}: job {job.job_id} finished", flush=True)
+    return failed
 
 
-def execute(todo: list[Run], launcher: str, nproc: int, jobs: int) -> None:
+def execute(todo: list[Run], launcher: str, nproc: int, jobs: int, keep_going: bool = False) -> list[str]:
+    """Run every run of todo; a failed run outside this process stops the command, or with keep_going is listed
+    and the next starts (the failed runs' lines are returned). A run in this process that fails raises."""
     if launcher == IN_PROCESS:
         threads = max(1, (os.cpu_count() or 2) // jobs)
         if jobs == 1:
             for run in todo:
                 print(run_in_process(run.overrides, threads), flush=True)
-            return
+            return []
         with ProcessPoolExecutor(max_workers=jobs) as pool:
             for line in pool.map(run_in_process, [r.overrides for r in todo], [threads] * len(todo)):
                 print(line, flush=True)
-        return
+        return []
+    failed = []
     for run in todo:
         cmd = command(run, launcher, nproc)
         print(f"{run.folder}: {shlex.join(cmd[1:])}", flush=True)
         started = time.monotonic()
         result = subprocess.run(cmd, cwd=REPO_ROOT)
         if result.returncode:
-            raise SystemExit(f"error: the run in {run.folder} failed (exit code {result.returncode}); see its summary")
+            line = f"the run in {run.folder} failed (exit code {result.returncode}); see its summary"
+            if not keep_going:
+                raise SystemExit(f"error: {line}")
+            print(line, flush=True)
+            failed.append(line)
+            continue
         print(f"{run.folder.name}: finished in {time.monotonic() - started:.1f} s (process start to exit)", flush=True)
+    return failed
 
 
 # the make variable behind each option (Makefile, REPRODUCE_ARGS), named in an error about it
@@ -293,6 +308,7 @@ MAKE_VARIABLES = {
     "--set": "SET",
     "--submit": "SUBMIT",
     "--slurm": "SLURM",
+    "--keep-going": "KEEP_GOING",
 }
 
 
@@ -314,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, help="default: runs/<table>/<profile>")
     parser.add_argument("--out", type=Path, help="default: results/<table>")
     parser.add_argument("--dry-run", action="store_true", help="print every run's command; run nothing")
+    parser.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="after a failed run or job, start the next; the table from the others, then exit 1 naming the failed",
+    )
     parser.add_argument(
         "--submit", choices=SUBMITTERS, help="each run a job on one node through submitit: slurm, or local to test"
     )
@@ -375,26 +396,29 @@ def main(argv: list[str] | None = None) -> int:
             print(shlex.join(command(run, launcher, args.nproc)))
         return 0
 
-    def go(runs: list[Run], jobs: int) -> None:
+    def go(runs: list[Run], jobs: int, keep_going: bool) -> list[str]:
         if args.submit:
-            wait(submit(runs, launcher, args.nproc, args.submit, slurm, root / ".submitit"))
-        else:
-            execute(runs, launcher, args.nproc, jobs)
+            return wait(submit(runs, launcher, args.nproc, args.submit, slurm, root / ".submitit"), keep_going)
+        return execute(runs, launcher, args.nproc, jobs, keep_going)
 
     if base is not None and not finished(base, launch_overrides(base, launcher, args.nproc)):
         print(f"{args.table} ({args.profile}): training the base model in {base.folder}", flush=True)
-        go([base], 1)
+        go([base], 1, keep_going=False)  # every cell starts from it
     todo = [r for r in todo if not finished(r, launch_overrides(r, launcher, args.nproc))]
     print(f"{args.table} ({args.profile}): {len(todo)} runs to do in {root}", flush=True)
-    go(todo, args.jobs)
+    failed = go(todo, args.jobs, args.keep_going)
     reporter = importlib.import_module(f"mora.reporting.{spec['table']['layout']}")
     out = args.out or REPO_ROOT / spec["table"].get("out", f"results/{args.table}")  # table.out: a shared folder
     try:
         paths = reporter.write_results(root, out, args.profile, spec["cells"], table_tasks)  # every task run so far
     except ValueError as error:  # the runs are done; too few of them for a table yet (e.g. --cells of one method)
         print(f"no table written: {error}", flush=True)
-        return 0
-    print("wrote " + ", ".join(map(str, paths)))
+        paths = []
+    if paths:
+        print("wrote " + ", ".join(map(str, paths)))
+    if failed:
+        print(f"error: {len(failed)} of {len(todo)} runs failed: {'; '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -9,8 +9,10 @@ easy to collect from a remote node: gpu_check.json / .md (environment, every par
 .md (base, LoRA r = 8 / 256, MoRA sharing / rope at r = 8 / 256: forward and forward + backward), merge.json / .md
 (merging MoRA into the weight), table2.json / .md (every run of the `gpu` profile and the table). Each part runs in
 its own process group with its own time budget (--layer-s, --merge-s, --table2-s); a part stopped at its budget keeps
-what it wrote so far (the benchmarks rewrite their files after every case; the table is made from the runs that
-finished). MORA_COMMIT, where set, names the commit a copied checkout came from.
+what it wrote so far (the benchmarks rewrite their files after every case; table2.json is rewritten every 10 s with
+the runs so far, and the table is made from the runs that finished). SIGTERM / SIGINT stop the running part's
+process group and write the report. Table 2's runs lie in runs/table2/gpu-<commit>, so a second call at one commit
+resumes. MORA_COMMIT, where set, names the commit a copied checkout came from.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+POLL_S = 10.0  # how often a running part's progress files are rewritten
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "hydra-core", "omegaconf", "numpy")
 # the dry run's Table 2: the gpu profile's configs and runner at a size a CPU does in seconds
 DRY_TABLE2 = [
@@ -53,7 +57,7 @@ DRY_TABLE2 = [
 def environment(dry: bool) -> dict[str, Any]:
     import torch
 
-    from bench.common import commit
+    from mora.provenance import commit
 
     head, dirty = commit()
     env: dict[str, Any] = {
@@ -88,25 +92,52 @@ def environment(dry: bool) -> dict[str, Any]:
     return env
 
 
-def run_part(name: str, cmd: list[str], budget_s: float) -> dict[str, Any]:
-    """Run one part in its own process group; at its budget the whole group is stopped (a table run's training
-    processes too). Its output goes to this process's."""
+class Stopped(Exception):
+    """SIGTERM / SIGINT from outside (a job's time limit, a timeout, Ctrl-C): the running part is stopped, and what
+    every part wrote so far is reported."""
+
+
+def _stop_on_signal(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop: the report is written undisturbed
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise Stopped(signal.Signals(signum).name)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def run_part(name: str, cmd: list[str], budget_s: float, poll: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Run one part in its own process group; at its budget, or when this check is stopped, the whole group is
+    stopped (a table run's training processes too). `poll` runs about every 10 s meanwhile (files that must come
+    back even if this process is killed). Its output goes to this process's."""
     print(f"== {name} (budget {budget_s:.0f} s): {' '.join(cmd[1:])}", flush=True)
     start = time.monotonic()
     path = os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH"))))  # the checkout's mora,
     env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}  # installed or not
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, start_new_session=True)
     try:
-        code = proc.wait(timeout=budget_s)
-        status = "finished" if code == 0 else f"failed (exit code {code})"
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        status = "stopped at its budget"
+        while True:
+            left = budget_s - (time.monotonic() - start)
+            try:
+                code = proc.wait(timeout=max(0.0, min(left, POLL_S)))
+                status = "finished" if code == 0 else f"failed (exit code {code})"
+                break
+            except subprocess.TimeoutExpired:
+                if left <= POLL_S:
+                    _stop_group(proc)
+                    status = "stopped at its budget"
+                    break
+                if poll is not None:
+                    poll()
+    except Stopped as why:
+        _stop_group(proc)
+        status = f"stopped by {why}"
     wall = time.monotonic() - start
     print(f"== {name}: {status} after {wall:.0f} s", flush=True)
     return {"status": status, "wall_s": round(wall, 1), "budget_s": budget_s, "command": cmd[1:]}
@@ -129,23 +160,40 @@ def bench_commands(out: Path, dry: bool) -> dict[str, list[str]]:
     }
 
 
+def run_summaries(runs: Path) -> list[dict[str, Any]]:
+    """Every run's figures so far (a run still going has no summary.json yet, or one that says so)."""
+    summaries = []
+    for path in sorted(runs.glob("*/summary.json")):
+        try:
+            s = json.loads(path.read_text())
+        except json.JSONDecodeError:  # being written
+            continue
+        keep = ("method", "rank", "lr", "seed", "status", "steps", "tokens", "tokens_per_s", "startup_s", "wall_s")
+        keep += ("evals", "trainable_params", "error")
+        summaries.append({"run": path.parent.name, **{k: s.get(k) for k in keep}})
+    return summaries
+
+
 def table2_part(
     out: Path, runs: Path, scratch: Path, budget_s: float, dry: bool, cells: list[str] | None
 ) -> dict[str, Any]:
-    """Table 2's gpu profile for seed 0 through the table runner (one process per run), then table2.md from the
-    runs that finished and table2.json with every run's figures (the runner's own tables go to scratch)."""
-    cmd = [sys.executable, "experiments/reproduce.py", "table2", "--profile", "gpu", "--seeds", "0"]
+    """Table 2's gpu profile for seed 0 through the table runner (one process per run; after a failed run, the
+    next), then table2.md from the runs that finished and table2.json with every run's figures (the runner's own
+    tables go to scratch). table2.json is rewritten as the runs go, so that a check killed from outside still
+    brings back the runs that finished."""
+    cmd = [sys.executable, "experiments/reproduce.py", "table2", "--profile", "gpu", "--seeds", "0", "--keep-going"]
     cmd += ["--runs", str(runs), "--out", str(scratch / "reproduce")]
     cells = cells or (["fft", "lora-r8", "mora-r8"] if dry else None)
     cmd += ["--cells", *cells] if cells else []
     cmd += ["--set", *DRY_TABLE2] if dry else []
-    part = run_part("table2", cmd, budget_s)
-    summaries = []
-    for path in sorted(runs.glob("*/summary.json")):
-        s = json.loads(path.read_text())
-        keep = ("method", "rank", "lr", "seed", "status", "steps", "tokens", "tokens_per_s", "startup_s", "wall_s")
-        keep += ("evals", "trainable_params", "error")
-        summaries.append({"run": path.parent.name, **{k: s.get(k) for k in keep}})
+    print(f"== table2 runs in {runs}", flush=True)
+
+    def progress() -> None:
+        running = {"status": "running", "command": cmd[1:], "runs": run_summaries(runs)}
+        (out / "table2.json").write_text(json.dumps(running, indent=2))
+
+    part = run_part("table2", cmd, budget_s, poll=progress)
+    summaries = run_summaries(runs)
     part["runs"] = summaries
     finished = [s for s in summaries if s["status"] == "finished" and s["run"] != "base"]
     if finished:
@@ -153,7 +201,7 @@ def table2_part(
         from mora.reporting.table2 import write_results
 
         cells = experiment("table2", "gpu")["cells"]
-        md = write_results(runs, scratch / "report", "gpu", cells)[0]
+        md = write_results(runs, scratch / "report", "gpu", cells)[0]  # no plot where matplotlib is missing
         shutil.copy(md, out / "table2.md")
     else:
         (out / "table2.md").write_text("# Table 2, gpu profile\n\nNo run finished within the budget.\n")
@@ -179,7 +227,8 @@ def markdown(env: dict[str, Any], parts: dict[str, dict[str, Any]]) -> str:
     for name, part in parts.items():
         extra = f" ({part['runs_finished']} runs finished)" if "runs_finished" in part else ""
         files = f"{name}.json, {name}.md"
-        lines.append(f"| {name} | {part['status']}{extra} | {part['wall_s']} | {part['budget_s']:.0f} | {files} |")
+        budget = "–" if part["budget_s"] is None else f"{part['budget_s']:.0f}"
+        lines.append(f"| {name} | {part['status']}{extra} | {part['wall_s']} | {budget} | {files} |")
     return "\n".join(lines) + "\n"
 
 
@@ -189,9 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="the folder for the result files (created; at most 8 files)")
     parser.add_argument("--dry", action="store_true", help="CPU, tiny sizes, seconds")
-    parser.add_argument("--runs", type=Path, help="Table 2 run folders (default runs/table2/gpu; dry: a temporary one)")
-    parser.add_argument("--layer-s", type=float, default=60.0, help="time budget of the per-layer benchmark")
-    parser.add_argument("--merge-s", type=float, default=30.0, help="time budget of the merge benchmark")
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        help="Table 2 run folders (default runs/table2/gpu-<commit>: a rerun of one commit resumes; dry: temporary)",
+    )
+    parser.add_argument("--layer-s", type=float, default=40.0, help="time budget of the per-layer benchmark")
+    parser.add_argument("--merge-s", type=float, default=20.0, help="time budget of the merge benchmark")
     parser.add_argument("--table2-s", type=float, default=480.0, help="time budget of Table 2 (gpu profile, seed 0)")
     parser.add_argument("--cells", nargs="+", help="only these Table 2 cells (default: all; dry: fft lora-r8 mora-r8)")
     args = parser.parse_args(argv)
@@ -215,17 +268,29 @@ def main(argv: list[str] | None = None) -> int:
         (out / "gpu_check.md").write_text(markdown(env, parts))
 
     report()
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    signal.signal(signal.SIGINT, _stop_on_signal)
     commands = bench_commands(out, args.dry)
-    parts["layer"] = run_part("layer", commands["layer"], args.layer_s)
-    report()
-    parts["merge"] = run_part("merge", commands["merge"], args.merge_s)
-    report()
     with tempfile.TemporaryDirectory() as tmp:
-        runs = args.runs or (Path(tmp) / "runs" if args.dry else REPO_ROOT / "runs" / "table2" / "gpu")
-        parts["table2"] = table2_part(out, runs.resolve(), Path(tmp), args.table2_s, args.dry, args.cells)
+        default_runs = Path(tmp) / "runs" if args.dry else REPO_ROOT / "runs" / "table2" / f"gpu-{env['commit'][:12]}"
+        steps = {
+            "layer": lambda: run_part("layer", commands["layer"], args.layer_s),
+            "merge": lambda: run_part("merge", commands["merge"], args.merge_s),
+            "table2": lambda: table2_part(
+                out, (args.runs or default_runs).resolve(), Path(tmp), args.table2_s, args.dry, args.cells
+            ),
+        }
+        try:
+            for name, step in steps.items():
+                parts[name] = step()
+                report()
+                if parts[name]["status"].startswith("stopped by"):
+                    break
+        except Stopped as why:  # between parts, or while table2 wrote its files
+            parts.setdefault(name, {"status": f"stopped by {why}", "wall_s": None, "budget_s": None, "command": []})
     report()
     print((out / "gpu_check.md").read_text(), flush=True)
-    return 0 if all(p["status"] == "finished" for p in parts.values()) else 1
+    return 0 if len(parts) == len(steps) and all(p["status"] == "finished" for p in parts.values()) else 1
 
 
 if __name__ == "__main__":

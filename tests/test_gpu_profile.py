@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -110,3 +111,39 @@ def test_gpu_check_refuses_a_folder_with_files_and_writes_nothing(tmp_path):
     )
     assert result.returncode == 2 and "is not empty" in result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["old.json"]
+
+
+def test_gpu_check_stopped_from_outside_stops_its_part_and_reports(tmp_path):
+    # a job's time limit or a timeout sends SIGTERM: the running part's process group goes with it, and the files
+    # say where the check was
+    import psutil
+
+    out = tmp_path / "out"
+    cmd = ["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh"), str(out), "--dry"]
+    env = {k: v for k, v in os.environ.items() if k != "MORA_COMMIT"} | {"PYTHON": sys.executable}
+    check = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for line in check.stdout:
+        if line.startswith("== layer (budget"):
+            break
+    time.sleep(0.3)  # the layer benchmark is still starting (its imports take seconds)
+    check.terminate()
+    rest = check.stdout.read()
+    assert check.wait(timeout=60) == 1, rest
+    parts = json.loads((out / "gpu_check.json").read_text())["parts"]
+    assert list(parts) == ["layer"] and parts["layer"]["status"] == "stopped by SIGTERM"
+    assert "| layer | stopped by SIGTERM |" in (out / "gpu_check.md").read_text()
+    left = [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
+    assert left == []
+
+
+def test_a_part_rewrites_its_progress_while_it_runs(monkeypatch):
+    from scripts import gpu_check
+
+    monkeypatch.setattr(gpu_check, "POLL_S", 0.1)
+    calls = []
+    part = gpu_check.run_part(
+        "wait", [sys.executable, "-c", "import time; time.sleep(1.5)"], 30, poll=lambda: calls.append(1)
+    )
+    assert part["status"] == "finished" and len(calls) >= 5
+    part = gpu_check.run_part("long", [sys.executable, "-c", "import time; time.sleep(30)"], 0.5)
+    assert part["status"] == "stopped at its budget" and part["wall_s"] < 10

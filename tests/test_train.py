@@ -131,7 +131,7 @@ def test_cli_prints_one_error_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_table2_report_from_runs(tmp_path):
+def test_table2_report_from_runs(tmp_path, monkeypatch):
     cells = [
         {"name": "fft", "adapter": "fft", "lrs": [1e-3]},
         {"name": "mora-r8", "adapter": "mora", "r": 2, "compression": "rope", "lrs": [1e-3, 1e-2]},
@@ -164,6 +164,11 @@ def test_table2_report_from_runs(tmp_path):
     kept = tmp_path / "out" / "runs" / "tiny"  # the report rebuilt from the kept records leaves them in place
     assert write_results(kept, tmp_path / "out", "tiny", cells) == paths and paths[0].read_text() == table
     assert len(list(kept.glob("*/summary.json"))) == 9  # 8 cell runs and the base
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # a GPU node without it: the tables, no plot
+    assert write_results(tmp_path / "runs", tmp_path / "bare", "tiny", cells) == [
+        tmp_path / "bare" / "table2.md",
+        tmp_path / "bare" / "table2.csv",
+    ]
 
 
 @pytest.mark.slow
@@ -252,3 +257,33 @@ def test_the_regime_sweep_runs_a_point_and_reports_only_whole_pairs(tmp_path, ca
     table = (tmp_path / "out" / "regime.md").read_text()
     assert "| w64 | low | 64 | 64 | 2 | 0.60 | 32 |" in table and "| paper | low |" in table
     assert sorted(p.name for p in (tmp_path / "out" / "runs" / "w64").iterdir())[0] == "base"
+
+
+@pytest.mark.slow
+def test_keep_going_runs_past_a_failed_run_reports_the_others_and_exits_1(tmp_path, capsys, monkeypatch):
+    # runs outside this process (launcher=local, as on one GPU); one run's process fails
+    from experiments import reproduce
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    real = reproduce.command
+
+    def command(run, launcher, nproc):
+        failing = run.folder.name == "mora-r8-lr0.003-s0"
+        return [sys.executable, "-c", "raise SystemExit(3)"] if failing else real(run, launcher, nproc)
+
+    monkeypatch.setattr(reproduce, "command", command)
+    small = ["train.steps=2", "train.eval_steps=[2]", "task.n_pairs=8", "train.global_batch=4", "train.micro_batch=4"]
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    args = ["table2", "--launcher", "local", "--cells", "mora-r8", "--seeds", "0", "--runs", str(runs)]
+    args += ["--out", str(out), "--set", *small]
+    assert reproduce.main([*args, "--keep-going"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: 1 of 3 runs failed: the run in {runs / 'mora-r8-lr0.003-s0'} failed (exit code 3); see its summary"
+    ]
+    finished = sorted(p.parent.name for p in runs.glob("*/summary.json"))
+    assert finished == ["base", "mora-r8-lr0.001-s0", "mora-r8-lr0.01-s0"]  # the run after the failed one too
+    assert "| MoRA (rope) | 8 |" in (out / "table2.md").read_text()
+    with pytest.raises(SystemExit, match="error: the run in .*mora-r8-lr0.003-s0 failed"):
+        reproduce.main(args)  # without --keep-going the first failed run stops the command

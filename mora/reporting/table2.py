@@ -7,6 +7,7 @@ numbers (PAPER.md, Table 2).
 from __future__ import annotations
 
 import csv
+import importlib.util
 import statistics
 from pathlib import Path
 from typing import Any
@@ -188,8 +189,8 @@ def plot(path: Path, chosen: dict[str, list[dict[str, Any]]], profile: str) -> N
 def write_results(
     root: Path, out: Path, profile: str, cells: list[dict[str, Any]], tasks: list[str] | None = None
 ) -> list[Path]:
-    """Collect the runs under root and write table2.md, table2.csv, table2.png and the chosen runs under out/runs
-    (`tasks` is the generic runner's argument; Table 2 has one task)."""
+    """Collect the runs under root and write table2.md, table2.csv, table2.png (where matplotlib is installed) and
+    every run's records under out/runs (`tasks` is the generic runner's argument; Table 2 has one task)."""
     runs = load_runs(root)
     if not runs:
         raise ValueError(f"no finished runs under {root}: run `make reproduce-table2 PROFILE={profile}` first")
@@ -201,5 +202,7 @@ def write_results(
     base = next((run for run in runs if run["dir"].name == "base"), None)  # the runner's base-model folder
     write_markdown(paths[0], chosen, profile, cells, base)
     write_csv(paths[1], chosen)
+    if importlib.util.find_spec("matplotlib") is None:  # a GPU node's own environment: the tables without the plot
+        return paths[:2]
     plot(paths[2], chosen, profile)
     return paths
