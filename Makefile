@@ -15,10 +15,14 @@ DRY_RUN ?=
 SUBMIT ?=
 SLURM ?=
 # the one table runner (experiments/reproduce.py); SEED/SEEDS, TASKS, CELLS, SET (Hydra overrides for every run),
-# LAUNCHER, NPROC, SUBMIT=slurm with SLURM="partition=gpu time=720" (configs/cluster/slurm.yaml) and DRY_RUN=1 reach it
+# LAUNCHER, NPROC, SUBMIT=slurm with SLURM="partition=gpu time=720" (configs/cluster/slurm.yaml), DRY_RUN=1 and
+# KEEP_GOING=1 (after a failed run, the next) reach it
 REPRODUCE_ARGS = --profile $(PROFILE) $(if $(NPROC),--nproc $(NPROC)) \
 	$(if $(TASKS),--tasks $(TASKS)) $(if $(CELLS),--cells $(CELLS)) $(if $(SET),--set $(SET)) $(if $(LAUNCHER),--launcher $(LAUNCHER)) \
-	$(if $(SUBMIT),--submit $(SUBMIT)) $(if $(SLURM),--slurm $(SLURM)) $(if $(DRY_RUN),--dry-run)
+	$(if $(SUBMIT),--submit $(SUBMIT)) $(if $(SLURM),--slurm $(SLURM)) $(if $(DRY_RUN),--dry-run) \
+	$(if $(KEEP_GOING),--keep-going)
+# SEED / SEEDS, else 3 seeds; the paper profile runs the authors' one seed (42: PAPER.md §2.1) unless told otherwise
+TABLE_SEEDS = $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),$(if $(filter paper,$(PROFILE)),42,0 1 2)))
 
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
@@ -50,22 +54,22 @@ lint: $(STAMP) ## ruff check + format check
 	$(VENV)/bin/ruff check mora tests experiments scripts bench
 	$(VENV)/bin/ruff format --check mora tests experiments scripts bench
 
-reproduce-table1: $(STAMP) ## Tables 1, 6, 7: PROFILE=tiny|paper, SEEDS="0 1 2", TASKS=, CELLS=, SET=, LAUNCHER=, NPROC=, DRY_RUN=1 -> results/table1/
-	$(PY) experiments/reproduce.py table1 $(REPRODUCE_ARGS) --seeds $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),0 1 2))
+reproduce-table1: $(STAMP) ## Tables 1, 6, 7: PROFILE=tiny|paper, SEEDS="0 1 2" (paper: 42), TASKS=, CELLS=, SET=, LAUNCHER=, NPROC=, DRY_RUN=1 -> results/table1/
+	$(PY) experiments/reproduce.py table1 $(REPRODUCE_ARGS) --seeds $(TABLE_SEEDS)
 
-reproduce-table2: $(STAMP) ## Table 2 (UUID memorization): PROFILE=tiny|gpu|paper, SEEDS="0 1 2" or SEED=0 -> results/table2/
-	$(PY) experiments/reproduce.py table2 $(REPRODUCE_ARGS) --seeds $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),0 1 2))
+reproduce-table2: $(STAMP) ## Table 2 (UUID memorization): PROFILE=tiny|gpu|paper, SEEDS="0 1 2" or SEED=0 (paper: 42) -> results/table2/
+	$(PY) experiments/reproduce.py table2 $(REPRODUCE_ARGS) --seeds $(TABLE_SEEDS)
 
 reproduce-table2-regime: $(STAMP) ## Table 2's regime sweep on CPU (3 widths, SEEDS="0 1", about 40 min) -> results/table2/regime/
 	for point in w64 w128 w256; do \
 		$(PY) experiments/reproduce.py table2_regime_$$point $(REPRODUCE_ARGS) --seeds $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),0 1)) || exit 1; \
 	done
 
-reproduce-table3: $(STAMP) ## Table 3, Figs. 4-5 (C4 pretraining from scratch): PROFILE=tiny|paper, SEEDS="0 1 2" -> results/table3/
-	$(PY) experiments/reproduce.py table3 $(REPRODUCE_ARGS) --seeds $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),0 1 2))
+reproduce-table3: $(STAMP) ## Table 3, Figs. 4-5 (C4 pretraining from scratch): PROFILE=tiny|paper, SEEDS="0 1 2" (paper: 42) -> results/table3/
+	$(PY) experiments/reproduce.py table3 $(REPRODUCE_ARGS) --seeds $(TABLE_SEEDS)
 
-reproduce-table4: $(STAMP) ## Table 4 (MoRA's operators at two ranks): PROFILE=tiny|paper, SEEDS="0 1 2" -> results/table4/
-	$(PY) experiments/reproduce.py table4 $(REPRODUCE_ARGS) --seeds $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),0 1 2))
+reproduce-table4: $(STAMP) ## Table 4 (MoRA's operators at two ranks): PROFILE=tiny|paper, SEEDS="0 1 2" (paper: 42) -> results/table4/
+	$(PY) experiments/reproduce.py table4 $(REPRODUCE_ARGS) --seeds $(TABLE_SEEDS)
 
 smoke: $(STAMP) ## every adapter on every task for a few steps (tiny profile); checks each run folder
 	$(PY) scripts/smoke.py
