@@ -1,5 +1,5 @@
 """Launch `python -m mora.train` on several processes as the `launcher` config group says, through
-`accelerate launch` (ENV-NOTES.md §2-3 for the recipes that work on CPU).
+`accelerate launch` (README, Launchers: the recipes that work on CPU).
 
     python -m mora.launch launcher=ddp adapter=lora adapter.r=8                  # 2 processes, DDP
     python -m mora.launch launcher=deepspeed_zero2 launcher.num_processes=8 profile=paper experiment=table2 ...

@@ -3,12 +3,15 @@ wheel, transformers, peft), at the exact lock and at the oldest versions pyproje
 works without the suite (no hydra, deepspeed, datasets, lm-eval, wandb, matplotlib), and a MoraConfig adapter on a
 tiny transformers model trains a step, saves, reloads and merges."""
 
+import re
 import shutil
 import subprocess
 import sys
 import venv
 
 import pytest
+import tomllib
+import yaml
 
 from mora.paths import REPO_ROOT
 
@@ -90,3 +93,17 @@ def test_the_wheelhouse_installs_offline_and_keeps_the_nodes_torch(tmp_path):
     check = "import torch, transformers as t, peft, hydra; print(torch.__version__, t.__version__, peft.__version__)"
     result = subprocess.run([python, "-c", check], capture_output=True, text=True, timeout=300)
     assert result.stdout.split() == ["2.13.0+cpu", "5.23.0", "0.21.2"], result.stderr[-3000:]
+
+
+def test_the_conda_environment_pins_what_the_lock_pins():
+    # environment.yml (GPU machines) names every package of the suite, dev and slurm extras, each at the lock's pin
+    lock = dict(
+        line.split("==", 1) for line in (REPO_ROOT / "requirements.txt").read_text().splitlines() if "==" in line
+    )
+    conda = yaml.safe_load((REPO_ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    pins = dict(line.split("==", 1) for line in pip if "==" in line)
+    assert {name: lock.get(name) for name in pins} == pins
+    extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    named = {re.split(r"[<>=\[ ;]", spec, maxsplit=1)[0] for key in ("suite", "dev", "slurm") for spec in extras[key]}
+    assert named <= {"torch", *pins}, sorted(named - set(pins))

@@ -87,6 +87,11 @@ def validate(cfg: DictConfig, world: int = 1) -> None:
             f"train.mixed_precision={precision} is for launcher=ddp or local; under DeepSpeed the precision follows "
             "model.dtype (its bf16 / fp16 with fp32 master weights)"
         )
+    if cfg.adapter.get("restart") is not None and deepspeed:
+        raise ValueError(
+            f"adapter={cfg.adapter.method} restarts reset M / optimizer state, which DeepSpeed keeps in its own "
+            "partitions; run it with launcher=ddp or local"
+        )
     if t.get("spectrum") and deepspeed and "zero3" in str(cfg.launcher.name):
         raise ValueError("train.spectrum reads every weight on process 0, which ZeRO-3 partitions; use ZeRO-2 or DDP")
     if wandb_mode(cfg) != "disabled" and importlib.util.find_spec("wandb") is None:  # a GPU node's own environment
@@ -97,8 +102,11 @@ def validate(cfg: DictConfig, world: int = 1) -> None:
 
 
 def check_build(cfg: DictConfig) -> None:
-    """The model with its adapter on the meta device, no weights read: a target module the model lacks or a shape
-    the operator refuses is found before a launcher spawns any process (a process would report it once each)."""
+    """The model with its adapter on the meta device, no weights read, and a pretrained model's files in the local
+    cache where the machine is offline: a target module the model lacks, a shape the operator refuses or a model
+    never fetched is found before a launcher spawns any process (a process would report it once each)."""
+    if cfg.model.get("pretrained"):
+        ensure_local(str(cfg.model.pretrained))
     build_adapter(build_model(OmegaConf.to_container(cfg.model, resolve=True), meta=True), cfg.adapter)
 
 
@@ -164,7 +172,7 @@ def load_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
 
 
 def make_accelerator(accumulation: int) -> Accelerator:
-    # On CPU, accelerate + DeepSpeed needs an explicit gloo group (ENV-NOTES.md §3); in one process it must not.
+    # On CPU, accelerate + DeepSpeed needs an explicit gloo group (measured: LOG.md); in one process it must not.
     distributed = world_size() > 1 and not torch.cuda.is_available()
     kwargs = [InitProcessGroupKwargs(backend="gloo")] if distributed else []
     if torch.accelerator.current_accelerator() is None:
@@ -360,11 +368,6 @@ def prepare(cfg: DictConfig, accelerator: Accelerator) -> Prepared:
     model = build_model(model_cfg, seed=cfg.seed)
     adapted = build_adapter(model, cfg.adapter, seed=cfg.seed)
     restarts = adapted.restarts
-    if restarts and accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise ValueError(
-            f"adapter={cfg.adapter.method} restarts reset M / optimizer state, which DeepSpeed keeps in its own "
-            "partitions; run it with launcher=ddp or local"
-        )
     optimizer = adapted.optimizer(lr=t.lr, weight_decay=t.weight_decay)
     factor = lr_factor(cfg, steps, restarts.every if restarts else None, restarts.warmup if restarts else 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
