@@ -262,7 +262,7 @@ def test_a_text_task_on_two_processes_trains_and_evaluates_as_on_one(tmp_path, m
         "task.eval.limit=3",
         "task.eval.batch_size=1",  # one forward a request group: unequal counts would hang ZeRO-3
         "task.eval.gen_kwargs={max_gen_toks:8}",
-        "task.eval.columns=[gsm8k,mmlu_0]",  # generation, and multiple choice (4 requests a document)
+        "task.eval.columns=[gsm8k,mmlu_0,mmlu_5]",  # generation, multiple choice; 0 and 5 shots: two lm-eval calls
         f"model.pretrained={metamath_base}",  # the same weights on every launcher (ZeRO-3 draws its own otherwise)
     ]
     single = tmp_path / "single"
@@ -280,6 +280,9 @@ def test_a_text_task_on_two_processes_trains_and_evaluates_as_on_one(tmp_path, m
     details = one["evaluation"]["details"], two["evaluation"]["details"]
     assert [d["processes"] for d in details] == [1, 2]
     assert details[1]["benchmarks"]["gsm8k"]["n"] == 3
+    assert {b["num_fewshot"] for b in details[1]["benchmarks"].values()} == {0, 5} and "mmlu_5" in two["evaluation"][
+        "scores"
+    ]
 
 
 @pytest.mark.multiprocess
@@ -313,3 +316,13 @@ def test_deepspeed_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, p
     assert summary["evals"][-1]["eval/char_acc"] == pytest.approx(
         json.loads((reference / "summary.json").read_text())["evals"][-1]["eval/char_acc"], abs=1e-6
     )
+
+
+def test_several_processes_wait_hours_at_a_collective_and_use_gloo_on_cpu():
+    # process 0 prepares a task's data while the others wait: NCCL's 10-minute default would kill them
+    from mora.training.run import PROCESS_GROUP_TIMEOUT, process_group_kwargs
+
+    assert process_group_kwargs(1, cuda=True) == process_group_kwargs(1, cuda=False) == []
+    (gpu,), (cpu,) = process_group_kwargs(8, cuda=True), process_group_kwargs(2, cuda=False)
+    assert gpu.to_kwargs() == {"timeout": PROCESS_GROUP_TIMEOUT} and PROCESS_GROUP_TIMEOUT.total_seconds() >= 3600
+    assert cpu.to_kwargs() == {"backend": "gloo", "timeout": PROCESS_GROUP_TIMEOUT}

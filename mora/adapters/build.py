@@ -97,10 +97,12 @@ def _restarts(cfg: Mapping[str, Any], regroup: str | None) -> Restarts:
 def asylora_init_(model: nn.Module, seed: int | None = None) -> None:
     """AsyLoRA's initialisation (PAPER.md §2.2): A = the first r columns of V^T from the SVD of a uniform random
     d_in x d_in matrix (rows orthonormal), B = 0, A stays trainable. The authors' code draws
-    rand(d_in, max(d_in, 4096)), which only fits A when d_in >= 4096, where the two agree. The SVD runs on A's
-    device (as theirs, on the GPU: 224 of them on LLaMA-2-7B, up to 11008 x 11008); on the meta device there is
-    nothing to initialise."""
+    rand(d_in, max(d_in, 4096)), which only fits A when d_in >= 4096, where the two agree. The SVDs run on the GPU
+    where there is one, as theirs (224 of them on LLaMA-2-7B, up to 11008 x 11008): the engine builds the adapter
+    before the model moves there, and on one CPU thread per process they would take hours. On the meta device there
+    is nothing to initialise."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    gpu = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
     for module in model.modules():
         if not isinstance(module, LoraLayer):
             continue
@@ -108,7 +110,7 @@ def asylora_init_(model: nn.Module, seed: int | None = None) -> None:
             if lora_A.weight.is_meta:
                 continue
             r, d_in = lora_A.weight.shape
-            random = torch.rand(d_in, d_in, generator=generator, dtype=torch.float32).to(lora_A.weight.device)
+            random = torch.rand(d_in, d_in, generator=generator, dtype=torch.float32).to(gpu or lora_A.weight.device)
             _, _, vh = torch.linalg.svd(random)  # (d_in, d_in), orthogonal
             with torch.no_grad():
                 lora_A.weight.copy_(vh[:, :r].T.to(lora_A.weight.dtype))

@@ -112,6 +112,7 @@ def run_lm_eval(
     if len(set(names)) != len(names):
         raise ValueError(f"benchmark names repeat: {names}")
     out: dict[str, dict[str, Any]] = {}
+    reported = True
     groups: dict[int | None, list[Benchmark]] = {}
     for b in benchmarks:
         groups.setdefault(b.num_fewshot, []).append(b)
@@ -129,8 +130,9 @@ def run_lm_eval(
                 log_samples=False,
                 verbosity="ERROR",
             )
-        if result is None:  # lm-eval reports on LOCAL_RANK 0 only; another process of a run gets its results later
-            return None
+        if result is None:  # lm-eval reports on rank 0 only; the others go on to the next group, whose collectives
+            reported = False  # need every process, and get the results later
+            continue
         for b in group:
             results = result["results"][b.task]
             if b.metric not in results:
@@ -143,7 +145,7 @@ def run_lm_eval(
                 "results": _jsonable(results),
                 "config": _jsonable(result["configs"][b.task]),
             }
-    return out
+    return out if reported else None
 
 
 def _jsonable(value: Any) -> Any:

@@ -87,7 +87,8 @@ class Restarts:
         return global_step % self.every == 0 and 0 < global_step < total
 
     def restart(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
-        """Merge every adapter layer, re-initialise it, regroup MoRA, reset optimizer state. Returns layers done."""
+        """Merge every adapter layer, re-initialise it, regroup MoRA, reset optimizer state. Returns layers done.
+        In a multi-process run every process must call it: the re-initialised adapter comes from process 0."""
         adapter_params: list[nn.Parameter] = []
         layers = 0
         with torch.no_grad():
@@ -99,6 +100,9 @@ class Restarts:
                 else:
                     continue
                 layers += 1
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                for p in adapter_params:  # every process drew its own new A (its dropout used the RNG differently):
+                    torch.distributed.broadcast(p.data, src=0)  # process 0's, as DDP broadcast them at the start
         if optimizer is not None:
             if self.optimizer_reset == "full":
                 optimizer.state.clear()

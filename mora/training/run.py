@@ -24,6 +24,7 @@ import resource
 import shutil
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -171,10 +172,22 @@ def load_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+# How long a process waits at a collective. Process 0 prepares a task's data while the others wait
+# (main_process_first): the first time, 1M MetaMath or 326k Tülu examples, or 1.3B tokens of continual pretraining,
+# take longer than NCCL's and DeepSpeed's 10-minute default, after which the waiting processes are killed.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=3)
+
+
+def process_group_kwargs(world: int, cuda: bool) -> list[InitProcessGroupKwargs]:
+    """The process group's settings: a long timeout wherever there are several processes, and on CPU the gloo
+    backend, which accelerate + DeepSpeed need there (measured: LOG.md); in one process no group at all."""
+    if world <= 1:
+        return []
+    return [InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT, **({} if cuda else {"backend": "gloo"}))]
+
+
 def make_accelerator(accumulation: int) -> Accelerator:
-    # On CPU, accelerate + DeepSpeed needs an explicit gloo group (measured: LOG.md); in one process it must not.
-    distributed = world_size() > 1 and not torch.cuda.is_available()
-    kwargs = [InitProcessGroupKwargs(backend="gloo")] if distributed else []
+    kwargs = process_group_kwargs(world_size(), torch.cuda.is_available())
     if torch.accelerator.current_accelerator() is None:
         # accelerate's unwrap_model imports DeepSpeed where it is installed, and DeepSpeed, left to detect the
         # device, warns on every machine without one that it chose the CPU: say so (noise, not a problem)

@@ -167,3 +167,30 @@ def test_schedules_and_the_jagged_restart_schedule():
 def test_restart_due():
     restarts = Restarts(every=10)
     assert [s for s in range(0, 31) if restarts.due(s, total=30)] == [10, 20]
+
+
+def _restart_in_process(rank: int, init_file: str, results: str) -> None:
+    from tests.conftest import small_llama
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        adapted = build_adapter(small_llama(0), _cfg("relora"), seed=0)  # the same weights in both processes
+        torch.manual_seed(100 + rank)  # the RNG where each process's dropout left it: unequal
+        adapted.restarts.restart(adapted.model, adapted.optimizer(lr=1e-2))
+        lora_a = torch.cat([p.detach().flatten() for n, p in adapted.model.named_parameters() if "lora_A" in n])
+        gathered = [torch.empty_like(lora_a) for _ in range(2)]
+        torch.distributed.all_gather(gathered, lora_a)
+        if rank == 0:
+            torch.save(gathered, results)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+def test_a_restart_gives_every_process_the_same_new_adapter(tmp_path):
+    # ReLoRA under DDP: a restart re-draws LoRA's A from each process's RNG, which dropout on batches of unequal
+    # lengths left in different states; DDP would never reconcile them
+    results = tmp_path / "gathered.pt"
+    torch.multiprocessing.spawn(_restart_in_process, args=(str(tmp_path / "init"), str(results)), nprocs=2)
+    first, second = torch.load(results)
+    assert first.abs().sum() > 0 and torch.equal(first, second)
