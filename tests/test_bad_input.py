@@ -53,6 +53,7 @@ CASES = [
     # found before spawning, where each process used to print it and the launcher its stack dump
     ("mora.launch", ["launcher=deepspeed_zero2", "train.micro_batch=16", "adapter=relora"], "adapter=relora"),
     ("mora.launch", ["launcher=ddp", "train.micro_batch=16", "model=llama2_7b"], "'meta-llama/Llama-2-7b-hf'"),
+    ("mora.launch", ["launcher=ddp", "train.micro_batch=4", "task=metamath", "task.eval.limit=1"], "limit=1"),
     ("mora.train", ["task=metamath", "task.eval.columns=[gsm8k,nope]"], "'nope' is not a column"),
     ("mora.train", ["task=biomed", "task.block_size=1"], "task.block_size 1"),
     ("mora.train", ["task=tulu_v2", "task.eval.source=web"], "task.eval.source 'web'"),

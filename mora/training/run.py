@@ -88,6 +88,12 @@ def validate(cfg: DictConfig, world: int = 1) -> None:
             f"train.mixed_precision={precision} is for launcher=ddp or local; under DeepSpeed the precision follows "
             "model.dtype (its bf16 / fp16 with fp32 master weights)"
         )
+    limit = (cfg.task.get("eval") or {}).get("limit")
+    if limit is not None and limit < world:  # lm-eval splits the documents over the processes
+        raise ValueError(
+            f"task.eval.limit={limit} is below the {world} processes: lm-eval gives each process its share of a "
+            f"benchmark's documents, and a process with none fails; give task.eval.limit >= {world} or null"
+        )
     if cfg.adapter.get("restart") is not None and deepspeed:
         raise ValueError(
             f"adapter={cfg.adapter.method} restarts reset M / optimizer state, which DeepSpeed keeps in its own "
