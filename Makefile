@@ -14,10 +14,11 @@ NPROC ?=
 DRY_RUN ?=
 SUBMIT ?=
 SLURM ?=
+OUT ?=
 # the one table runner (experiments/reproduce.py); SEED/SEEDS, TASKS, CELLS, SET (Hydra overrides for every run),
-# LAUNCHER, NPROC, SUBMIT=slurm with SLURM="partition=gpu time=720" (configs/cluster/slurm.yaml), DRY_RUN=1 and
-# KEEP_GOING=1 (after a failed run, the next) reach it
-REPRODUCE_ARGS = --profile $(PROFILE) $(if $(NPROC),--nproc $(NPROC)) \
+# LAUNCHER, NPROC, SUBMIT=slurm with SLURM="partition=gpu time=720" (configs/cluster/slurm.yaml), DRY_RUN=1,
+# KEEP_GOING=1 (after a failed run, the next) and OUT (the table's folder, default results/<table>) reach it
+REPRODUCE_ARGS = --profile $(PROFILE) $(if $(NPROC),--nproc $(NPROC)) $(if $(OUT),--out $(OUT)) \
 	$(if $(TASKS),--tasks $(TASKS)) $(if $(CELLS),--cells $(CELLS)) $(if $(SET),--set $(SET)) $(if $(LAUNCHER),--launcher $(LAUNCHER)) \
 	$(if $(SUBMIT),--submit $(SUBMIT)) $(if $(SLURM),--slurm $(SLURM)) $(if $(DRY_RUN),--dry-run) \
 	$(if $(KEEP_GOING),--keep-going)
@@ -45,7 +46,7 @@ $(STAMP): requirements.txt pyproject.toml
 install: $(STAMP) ## create .venv and install the pinned dependencies (torch CPU wheel in the same install)
 
 test: $(STAMP) ## run the whole test suite
-	WANDB_MODE=disabled $(PY) -m pytest
+	WANDB_MODE=disabled $(PY) -m pytest --durations=15
 
 test-fast: $(STAMP) ## run the tests without the slow and multi-process ones
 	WANDB_MODE=disabled $(PY) -m pytest -m "not slow and not multiprocess"

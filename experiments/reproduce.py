@@ -154,18 +154,53 @@ def launch_overrides(run: Run, launcher: str, nproc: int) -> list[str]:
     return [f"launcher={run.launcher or launcher}", f"launcher.num_processes={nproc}"]
 
 
-def finished(run: Run, launch: list[str] | None = None) -> bool:
+def portable_hash(cfg: Any, root: Path | None) -> str:
+    """config_hash with a base model that the runner trained under `root` named by its place there
+    (base/adapter): a run recorded in another checkout, or another folder, is the same run."""
+    pretrained = cfg.model.get("pretrained")
+    if root is not None and pretrained and Path(str(pretrained)).is_relative_to(root):
+        cfg = cfg.copy()
+        cfg.model.pretrained = str(Path(str(pretrained)).relative_to(root))
+    return config_hash(cfg)
+
+
+def _finished_config(folder: Path) -> Any:
+    """The config of the finished run in folder, or None."""
+    summary = folder / "summary.json"
+    if not (summary.exists() and json.loads(summary.read_text()).get("status") == "finished"):
+        return None
+    return OmegaConf.load(folder / "config.yaml")
+
+
+def finished(run: Run, root: Path, launch: list[str] | None = None) -> bool:
     """True when the folder holds a finished run of exactly this config (`launch`: its launcher overrides); a
     finished run of another config (the profile or grid changed since) stops the command rather than entering
     the table."""
-    summary = run.folder / "summary.json"
-    if not (summary.exists() and json.loads(summary.read_text()).get("status") == "finished"):
+    done = _finished_config(run.folder)
+    if done is None:
         return False
-    if config_hash(OmegaConf.load(run.folder / "config.yaml")) != config_hash(
-        compose_cfg([*(launch or []), *run.overrides])
-    ):
+    if portable_hash(done, root) != portable_hash(compose_cfg([*(launch or []), *run.overrides]), root):
         raise SystemExit(
             f"error: {run.folder} holds a finished run of a different config; delete it or pass --runs elsewhere"
+        )
+    return True
+
+
+def recorded(run: Run, root: Path, records: Path, launch: list[str] | None = None) -> bool:
+    """True when the table's kept records (results/<table>/runs/..., committed) hold this run with exactly this
+    config: it is not run again, and the table shows the record. A kept record of another config (the profile or
+    grid changed since it was recorded) stops the command: nothing committed is replaced by a run of another
+    config."""
+    place = run.folder.relative_to(root)
+    record = records / place
+    done = _finished_config(record)
+    if done is None:
+        return False
+    made_in = Path(str(done.run.dir)).parents[len(place.parts) - 1] if done.run.get("dir") else None
+    if portable_hash(done, made_in) != portable_hash(compose_cfg([*(launch or []), *run.overrides]), root):
+        raise SystemExit(
+            f"error: {record} keeps a run of that name with another config; to run the new config, write its table "
+            "elsewhere (--out, make: OUT=) or delete the record"
         )
     return True
 
@@ -309,6 +344,7 @@ MAKE_VARIABLES = {
     "--submit": "SUBMIT",
     "--slurm": "SLURM",
     "--keep-going": "KEEP_GOING",
+    "--out": "OUT",
 }
 
 
@@ -401,16 +437,23 @@ def main(argv: list[str] | None = None) -> int:
             return wait(submit(runs, launcher, args.nproc, args.submit, slurm, root / ".submitit"), keep_going)
         return execute(runs, launcher, args.nproc, jobs, keep_going)
 
-    if base is not None and not finished(base, launch_overrides(base, launcher, args.nproc)):
-        print(f"{args.table} ({args.profile}): training the base model in {base.folder}", flush=True)
-        go([base], 1, keep_going=False)  # every cell starts from it
-    todo = [r for r in todo if not finished(r, launch_overrides(r, launcher, args.nproc))]
-    print(f"{args.table} ({args.profile}): {len(todo)} runs to do in {root}", flush=True)
-    failed = go(todo, args.jobs, args.keep_going)
     reporter = importlib.import_module(f"mora.reporting.{spec['table']['layout']}")
     out = args.out or REPO_ROOT / spec["table"].get("out", f"results/{args.table}")  # table.out: a shared folder
-    try:
-        paths = reporter.write_results(root, out, args.profile, spec["cells"], table_tasks)  # every task run so far
+    records = reporter.kept(out, args.profile, root)
+
+    def launch(run: Run) -> list[str]:
+        return launch_overrides(run, launcher, args.nproc)
+
+    todo = [r for r in todo if not finished(r, root, launch(r)) and not recorded(r, root, records, launch(r))]
+    if base is not None:
+        recorded(base, root, records, launch(base))  # the kept cells started from this base, or stop
+        if todo and not finished(base, root, launch(base)):
+            print(f"{args.table} ({args.profile}): training the base model in {base.folder}", flush=True)
+            go([base], 1, keep_going=False)  # every cell starts from it
+    print(f"{args.table} ({args.profile}): {len(todo)} runs to do in {root}", flush=True)
+    failed = go(todo, args.jobs, args.keep_going)
+    try:  # every run so far, with the records the table keeps
+        paths = reporter.write_results(root, out, args.profile, spec["cells"], table_tasks)
     except ValueError as error:  # the runs are done; too few of them for a table yet (e.g. --cells of one method)
         print(f"no table written: {error}", flush=True)
         paths = []

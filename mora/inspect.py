@@ -17,6 +17,7 @@ from rich.table import Table
 
 from mora.adapters.build import MORA_FAMILY, build_adapter
 from mora.adapters.peft_tuner import MoraLayer
+from mora.cli import check_overrides
 from mora.models import build_model
 from mora.paths import CONFIG_DIR
 from mora.training.schema import check
@@ -97,5 +98,10 @@ def main(cfg: DictConfig) -> None:
     Console(width=120).print(render(rows, trainable, cfg))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    check_overrides("inspect", sys.argv[1:])
     main()
+
+
+if __name__ == "__main__":
+    cli()

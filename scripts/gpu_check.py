@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -36,6 +37,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 POLL_S = 10.0  # how often a running part's progress files are rewritten
+# each part's time budget on a GPU (README: what one lent GPU's 10 minutes hold); a dry run has none unless given
+BUDGETS_S = {"layer": 40.0, "merge": 20.0, "table2": 480.0}
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "hydra-core", "omegaconf", "numpy")
 # the dry run's Table 2: the gpu profile's configs and runner at a size a CPU does in seconds
 DRY_TABLE2 = [
@@ -112,18 +115,22 @@ def _stop_group(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def run_part(name: str, cmd: list[str], budget_s: float, poll: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Run one part in its own process group; at its budget, or when this check is stopped, the whole group is
-    stopped (a table run's training processes too). `poll` runs about every 10 s meanwhile (files that must come
-    back even if this process is killed). Its output goes to this process's."""
-    print(f"== {name} (budget {budget_s:.0f} s): {' '.join(cmd[1:])}", flush=True)
+def run_part(
+    name: str, cmd: list[str], budget_s: float | None, poll: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """Run one part in its own process group; at its budget (None: none, as in a dry run, whose parts must never be
+    cut short by a slow machine), or when this check is stopped, the whole group is stopped (a table run's training
+    processes too). `poll` runs about every 10 s meanwhile (files that must come back even if this process is
+    killed). Its output goes to this process's."""
+    print(f"== {name} (budget {'none' if budget_s is None else f'{budget_s:.0f} s'}): {' '.join(cmd[1:])}", flush=True)
     start = time.monotonic()
     path = os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH"))))  # the checkout's mora,
     env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}  # installed or not
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, start_new_session=True)
-    try:
+    proc: subprocess.Popen | None = None
+    try:  # a stop that comes while the part starts stops it too
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, start_new_session=True)
         while True:
-            left = budget_s - (time.monotonic() - start)
+            left = math.inf if budget_s is None else budget_s - (time.monotonic() - start)
             try:
                 code = proc.wait(timeout=max(0.0, min(left, POLL_S)))
                 status = "finished" if code == 0 else f"failed (exit code {code})"
@@ -136,7 +143,8 @@ def run_part(name: str, cmd: list[str], budget_s: float, poll: Callable[[], None
                 if poll is not None:
                     poll()
     except Stopped as why:
-        _stop_group(proc)
+        if proc is not None:
+            _stop_group(proc)
         status = f"stopped by {why}"
     wall = time.monotonic() - start
     print(f"== {name}: {status} after {wall:.0f} s", flush=True)
@@ -175,7 +183,7 @@ def run_summaries(runs: Path) -> list[dict[str, Any]]:
 
 
 def table2_part(
-    out: Path, runs: Path, scratch: Path, budget_s: float, dry: bool, cells: list[str] | None
+    out: Path, runs: Path, scratch: Path, budget_s: float | None, dry: bool, cells: list[str] | None
 ) -> dict[str, Any]:
     """Table 2's gpu profile for seed 0 through the table runner (one process per run; after a failed run, the
     next), then table2.md from the runs that finished and table2.json with every run's figures (the runner's own
@@ -243,14 +251,18 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="Table 2 run folders (default runs/table2/gpu-<commit>: a rerun of one commit resumes; dry: temporary)",
     )
-    parser.add_argument("--layer-s", type=float, default=40.0, help="time budget of the per-layer benchmark")
-    parser.add_argument("--merge-s", type=float, default=20.0, help="time budget of the merge benchmark")
-    parser.add_argument("--table2-s", type=float, default=480.0, help="time budget of Table 2 (gpu profile, seed 0)")
+    for name, what in (("layer", "the per-layer benchmark"), ("merge", "the merge benchmark"), ("table2", "Table 2")):
+        parser.add_argument(
+            f"--{name}-s", type=float, help=f"time budget of {what} (default {BUDGETS_S[name]:g} s; dry: none)"
+        )
     parser.add_argument("--cells", nargs="+", help="only these Table 2 cells (default: all; dry: fft lora-r8 mora-r8)")
     args = parser.parse_args(argv)
-    for name in ("layer_s", "merge_s", "table2_s"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: a budget is a positive number of seconds")
+    budgets: dict[str, float | None] = {}
+    for name, default in BUDGETS_S.items():
+        given = getattr(args, f"{name}_s")
+        if given is not None and given <= 0:
+            parser.error(f"--{name}-s {given}: a budget is a positive number of seconds")
+        budgets[name] = given if given is not None else None if args.dry else default
     if args.out.exists() and any(args.out.iterdir()):
         parser.error(f"{args.out} is not empty; give a new or empty folder (nothing is overwritten)")
     import torch
@@ -274,10 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         default_runs = Path(tmp) / "runs" if args.dry else REPO_ROOT / "runs" / "table2" / f"gpu-{env['commit'][:12]}"
         steps = {
-            "layer": lambda: run_part("layer", commands["layer"], args.layer_s),
-            "merge": lambda: run_part("merge", commands["merge"], args.merge_s),
+            "layer": lambda: run_part("layer", commands["layer"], budgets["layer"]),
+            "merge": lambda: run_part("merge", commands["merge"], budgets["merge"]),
             "table2": lambda: table2_part(
-                out, (args.runs or default_runs).resolve(), Path(tmp), args.table2_s, args.dry, args.cells
+                out, (args.runs or default_runs).resolve(), Path(tmp), budgets["table2"], args.dry, args.cells
             ),
         }
         try:

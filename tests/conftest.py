@@ -39,3 +39,8 @@ def tiny_llama():
         return small_llama(seed).to(dtype).eval()
 
     return make
+
+
+# A test's timeout is only there to turn a hang into a failure: far above anything a slow or loaded machine needs
+# (the slowest process a test waits for takes under 2 minutes on 2 free cores), and inside CI's 90 minutes.
+HANG_S = 1800

@@ -1,9 +1,11 @@
 """Bad input on every entry point: exit code 2, one line `error: ...` naming the bad value, no traceback, and nothing
 written. The engine's commands run as a user runs them (a fresh process each); the table runner in this process."""
 
+import importlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -37,12 +39,16 @@ CASES = [
     ("mora.train", ["task.n_pairs=0"], "task.n_pairs"),
     ("mora.train", ["run.dir={file}"], "{file}"),
     ("mora.train", ["run.dir={file}/run"], "{file}/run"),
+    ("mora.train", ["run.dir=/proc/mora-lab/run"], "'/proc/mora-lab/run': cannot be created"),  # no such parent
+    ("mora.train", ["run.dir=/sys/mora-lab-run"], "'/sys/mora-lab-run': cannot be created"),  # read-only
+    ("mora.train", ["run.dir=/proc"], "'/proc': cannot be written"),  # a folder that takes no files
     ("mora.launch", ["launcher=ddp", "train.lr=abc"], "'abc'"),
     ("mora.launch", ["launcher=nope"], "launcher/nope"),
     ("mora.launch", ["launcher=ddp", "launcher.num_processes=0"], "launcher.num_processes 0"),
     ("mora.launch", ["launcher=ddp", "train.global_batch=30"], "train.global_batch=30"),
     ("mora.launch", ["launcher=local"], "launcher=local"),
     ("mora.launch", ["launcher=ddp", "run.dir={file}"], "{file}"),
+    ("mora.launch", ["launcher=ddp", "run.dir=/proc/mora-lab/run"], "'/proc/mora-lab/run': cannot be created"),
     (
         "mora.launch",
         ["launcher=ddp", "train.micro_batch=16", "adapter.target_modules=[nope]"],
@@ -60,27 +66,70 @@ CASES = [
     ("mora.train", ["task=c4", "task.from_scratch=maybe"], "task.from_scratch 'maybe'"),
     ("mora.inspect", ["adapter.r=0"], "adapter.r 0"),
     ("mora.inspect", ["model.dtype=fp8"], "'fp8'"),
+    ("mora.inspect", ["model=nope"], "model/nope"),
+    ("mora.inspect", ["adapter.nokey=3"], "adapter.nokey"),
 ]
 
 
+# run as a user runs them, in a fresh process: per entry point a value the schema refuses, a group or key Hydra
+# refuses, and one found while building; the other cases call the same entry function in this process (a fresh
+# process costs about 10 s of imports, most of it PEFT's)
+IN_A_FRESH_PROCESS = {
+    ("mora.train", "train.lr=abc"),
+    ("mora.train", "adapter=nope"),
+    ("mora.train", "run.dir=/proc/mora-lab/run"),
+    ("mora.launch", "launcher=nope"),
+    ("mora.launch", "launcher=ddp train.micro_batch=16 model=llama2_7b"),
+    ("mora.inspect", "adapter.r=0"),
+    ("mora.inspect", "model=nope"),
+}
+
+
+def _entry(module: str, args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str]:
+    """The exit code and stderr of the module's command-line entry (`python -m module args`) in this process."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [module, *args])
+    if module == "mora.launch":
+        from mora.launch import main
+
+        code = main(args)
+    else:
+        with pytest.raises(SystemExit) as stopped:
+            importlib.import_module(module).cli()
+        code = stopped.value.code
+    return code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("module", "args", "named"), CASES, ids=[f"{m} {' '.join(a)}" for m, a, _ in CASES])
-def test_a_bad_value_stops_with_one_line_naming_it_and_writes_nothing(tmp_path, module, args, named):
+def test_a_bad_value_stops_with_one_line_naming_it_and_writes_nothing(
+    tmp_path, monkeypatch, capsys, module, args, named
+):
     file = tmp_path / "a_file"
     file.write_text("keep")
     runs = tmp_path / "runs"
     runs.mkdir()
+    fresh = (module, " ".join(args)) in IN_A_FRESH_PROCESS
     args = [a.format(file=file) for a in args]
     if module != "mora.inspect":
         args.append(f"run.root={runs}")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    command = [sys.executable, "-m", module, *args]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    if fresh:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+        command = [sys.executable, "-m", module, *args]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+        code, stderr = result.returncode, result.stderr
+        assert "Traceback" not in result.stdout
+    else:  # an exception other than the one-line exit fails the test here
+        code, stderr = _entry(module, args, tmp_path, monkeypatch, capsys)
+    lines = stderr.strip().splitlines()
+    assert code == 2, stderr[-2000:]
+    assert "Traceback" not in stderr
     assert lines[-1].startswith("error: ") and named.format(file=file) in lines[-1], lines
     assert [p.name for p in runs.iterdir()] == [] and file.read_text() == "keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "runs"]
+
+
+def test_some_cases_run_in_a_fresh_process():
+    assert {(m, " ".join(a)) for m, a, _ in CASES} >= IN_A_FRESH_PROCESS
 
 
 TABLE_CASES = [
@@ -96,12 +145,13 @@ TABLE_CASES = [
     (["table2", "--seeds", "x"], "'x' (make: SEED / SEEDS)"),
     (["table2", "--profile", "gpu", "--launcher", "slurm"], "'slurm'"),
     (["table2", "--nproc", "two"], "'two' (make: NPROC)"),
+    (["table2", "--runs", "/proc/mora-lab"], "'/proc/mora-lab/base': cannot be created"),
 ]
 
 
 @pytest.mark.parametrize(("args", "named"), TABLE_CASES, ids=[" ".join(a) for a, _ in TABLE_CASES])
 def test_the_table_runner_stops_before_any_run_on_a_bad_value(tmp_path, capsys, args, named):
-    out = [*args, "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    out = ["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), *args]  # args' own --runs wins
     with pytest.raises(SystemExit) as stopped:
         sys.exit(reproduce(out))
     assert stopped.value.code == 2

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from mora.adapters.build import build_adapter
 from mora.models import build_model
 from mora.paths import CONFIG_DIR, REPO_ROOT
 from mora.training.run import run
+from tests.conftest import HANG_S
 
 BITS_PER_VALUE = 128  # 32 hex digits
 
@@ -125,10 +125,11 @@ def test_gpu_check_stopped_from_outside_stops_its_part_and_reports(tmp_path):
     for line in check.stdout:
         if line.startswith("== layer (budget"):
             break
-    time.sleep(0.3)  # the layer benchmark is still starting (its imports take seconds)
-    check.terminate()
+    while not any("bench/layer.py" in " ".join(child.cmdline()) for child in _children(check.pid)):
+        assert check.poll() is None, "the check ended before its layer part started"
+    check.terminate()  # the layer benchmark has started: its imports alone take seconds
     rest = check.stdout.read()
-    assert check.wait(timeout=60) == 1, rest
+    assert check.wait(timeout=HANG_S) == 1, rest
     parts = json.loads((out / "gpu_check.json").read_text())["parts"]
     assert list(parts) == ["layer"] and parts["layer"]["status"] == "stopped by SIGTERM"
     assert "| layer | stopped by SIGTERM |" in (out / "gpu_check.md").read_text()
@@ -136,14 +137,83 @@ def test_gpu_check_stopped_from_outside_stops_its_part_and_reports(tmp_path):
     assert left == []
 
 
-def test_a_part_rewrites_its_progress_while_it_runs(monkeypatch):
+def _children(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_a_part_is_polled_while_it_runs_and_a_dry_part_has_no_budget(tmp_path, monkeypatch):
     from scripts import gpu_check
 
-    monkeypatch.setattr(gpu_check, "POLL_S", 0.1)
+    monkeypatch.setattr(gpu_check, "POLL_S", 0.05)
+    polled = tmp_path / "polled"
     calls = []
-    part = gpu_check.run_part(
-        "wait", [sys.executable, "-c", "import time; time.sleep(1.5)"], 30, poll=lambda: calls.append(1)
+
+    def poll() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            polled.touch()
+
+    # the part ends when it has been polled three times, however slow the machine: no race with the clock
+    wait = f"import pathlib, time\nwhile not pathlib.Path({str(polled)!r}).exists(): time.sleep(0.01)"
+    part = gpu_check.run_part("wait", [sys.executable, "-c", wait], None, poll=poll)
+    assert part["status"] == "finished" and len(calls) >= 3 and part["budget_s"] is None
+
+
+def test_a_part_that_overruns_its_budget_is_stopped():
+    from scripts import gpu_check
+
+    forever = [sys.executable, "-c", "import time\nwhile True: time.sleep(1)"]  # overruns any budget, on purpose
+    part = gpu_check.run_part("forever", forever, 0.5)
+    assert part["status"] == "stopped at its budget" and part["budget_s"] == 0.5
+
+
+def test_stopping_a_part_stops_its_whole_process_group(tmp_path):
+    import psutil
+
+    from scripts import gpu_check
+
+    child = tmp_path / "child.pid"
+    parent = (
+        "import pathlib, subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time\\nwhile True: time.sleep(1)'])\n"
+        f"pathlib.Path({str(child)!r}).write_text(str(p.pid))\n"
+        "while True: time.sleep(1)"
     )
-    assert part["status"] == "finished" and len(calls) >= 5
-    part = gpu_check.run_part("long", [sys.executable, "-c", "import time; time.sleep(30)"], 0.5)
-    assert part["status"] == "stopped at its budget" and part["wall_s"] < 10
+    proc = subprocess.Popen([sys.executable, "-c", parent], start_new_session=True)
+    while not child.exists() or not child.read_text():  # the grandchild has started
+        assert proc.poll() is None
+    grandchild = psutil.Process(int(child.read_text()))
+    gpu_check._stop_group(proc)
+    assert proc.returncode is not None
+    try:  # gone with its group: a SIGTERM has no delay to race; only a process that ignored it would hang here
+        while grandchild.status() != psutil.STATUS_ZOMBIE:  # not reaped where this container's init does not
+            pass
+    except psutil.NoSuchProcess:
+        pass
+
+
+def test_a_dry_check_has_no_budgets_unless_given(monkeypatch, tmp_path):
+    from scripts import gpu_check
+
+    seen = {}
+
+    def fake_part(name, cmd, budget_s, poll=None):  # records the budgets main() hands out; runs nothing
+        seen[name] = budget_s
+        return {"status": "finished", "wall_s": 0.0, "budget_s": budget_s, "command": cmd[1:]}
+
+    def fake_table2(out, runs, scratch, budget_s, dry, cells):
+        seen["table2"] = budget_s
+        return {"status": "finished", "wall_s": 0.0, "budget_s": budget_s, "command": [], "runs_finished": 0}
+
+    monkeypatch.setattr(gpu_check.signal, "signal", lambda *args: None)  # pytest keeps its own handlers
+    monkeypatch.setattr(gpu_check, "run_part", fake_part)
+    monkeypatch.setattr(gpu_check, "table2_part", fake_table2)
+    assert gpu_check.main([str(tmp_path / "a"), "--dry"]) == 0
+    assert seen == {"layer": None, "merge": None, "table2": None}
+    assert gpu_check.main([str(tmp_path / "b"), "--dry", "--merge-s", "7"]) == 0
+    assert seen == {"layer": None, "merge": 7.0, "table2": None}

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Tr
 
 import mora
 from mora.tasks.tokenizer import fixture_bpe
+from tests.conftest import HANG_S
 
 pytestmark = pytest.mark.slow
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -83,7 +84,7 @@ assert torch.allclose(model(input_ids=ids).logits, expected, atol=1e-5)
 assert torch.allclose(model.merge_and_unload()(input_ids=ids).logits, expected, atol=1e-4)
 print("ok")
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG_S)
     assert result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 

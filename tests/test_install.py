@@ -14,6 +14,7 @@ import tomllib
 import yaml
 
 from mora.paths import REPO_ROOT
+from tests.conftest import HANG_S
 
 pytestmark = pytest.mark.slow
 CHECK = """
@@ -66,7 +67,7 @@ def test_the_core_install_imports_trains_saves_loads_and_merges(tmp_path, versio
         _pip(python, "torch==2.13.0", str(source), *lock)
     else:  # the lower bounds of pyproject.toml's dependencies
         _pip(python, "torch==2.13.0", "transformers==4.56.2", "peft==0.20.0", str(source))
-    result = subprocess.run([python, "-c", CHECK], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    result = subprocess.run([python, "-c", CHECK], capture_output=True, text=True, cwd=tmp_path, timeout=HANG_S)
     assert result.returncode == 0 and result.stdout.startswith("ok"), result.stderr[-3000:]
     if versions == "oldest":
         assert result.stdout.split()[1:] == ["2.13.0+cpu", "4.56.2", "0.20.0"]
@@ -81,7 +82,7 @@ def test_the_wheelhouse_installs_offline_and_keeps_the_nodes_torch(tmp_path):
     _pip(python, "torch==2.13.0", "transformers==4.56.2")
     house = tmp_path / "wheelhouse"
     build = [sys.executable, str(REPO_ROOT / "scripts" / "wheelhouse.py"), "--dest", str(house), "--only", "peft"]
-    built = subprocess.run([*build, "hydra-core"], capture_output=True, text=True, timeout=600)
+    built = subprocess.run([*build, "hydra-core"], capture_output=True, text=True, timeout=HANG_S)
     assert built.returncode == 0, built.stderr[-3000:]
     wheels = sorted(p.name for p in house.glob("*.whl"))
     assert not [w for w in wheels if w.startswith(("torch-", "nvidia", "triton"))]
@@ -91,7 +92,7 @@ def test_the_wheelhouse_installs_offline_and_keeps_the_nodes_torch(tmp_path):
     assert len(pins) == len(wheels) and not [p for p in pins if p.startswith("torch==")]
     _pip(python, "--no-index", "--find-links", str(house), "-r", str(house / "requirements.txt"))
     check = "import torch, transformers as t, peft, hydra; print(torch.__version__, t.__version__, peft.__version__)"
-    result = subprocess.run([python, "-c", check], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([python, "-c", check], capture_output=True, text=True, timeout=HANG_S)
     assert result.stdout.split() == ["2.13.0+cpu", "5.23.0", "0.21.2"], result.stderr[-3000:]
 
 

@@ -1,15 +1,12 @@
 """Resume after SIGKILL, deterministic run folders, and the multi-process launcher (DDP / DeepSpeed over gloo)."""
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -22,6 +19,7 @@ from mora.paths import CONFIG_DIR, REPO_ROOT
 from mora.tasks import task_tokenizer
 from mora.tasks.uuid import char_tokenizer
 from mora.training.run import config_hash, run
+from tests.conftest import HANG_S
 
 ZERO2 = CONFIG_DIR / "launcher" / "deepspeed" / "zero2.json"
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
@@ -30,6 +28,12 @@ ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "DS_ACCELE
 def _compose(*overrides):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
+
+
+def _killed_at(step: int) -> dict[str, str]:
+    """The environment of a run that SIGKILLs its process group once step `step` is logged (tests/hooks)."""
+    hooks = os.pathsep.join(filter(None, (str(Path(__file__).parent / "hooks"), ENV.get("PYTHONPATH"))))
+    return {**ENV, "PYTHONPATH": hooks, "MORA_TEST_KILL_AT_STEP": str(step)}
 
 
 def _train_records(folder: Path) -> list[dict]:
@@ -63,20 +67,20 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     run(_compose(*COMMON, f"run.dir={reference}"))
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "mora.train", *COMMON, "train.checkpoint_every=3", f"run.dir={killed}"]
-    process = subprocess.Popen(cmd, cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (killed / "checkpoints" / "step-6" / "state.json").exists():
-        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    # killed at step 8, after its checkpoint of step 6: the records of steps 7 and 8 must be dropped on resume
+    killer = _killed_at(8)
+    process = subprocess.run(
+        cmd, cwd=REPO_ROOT, env=killer, capture_output=True, start_new_session=True, timeout=HANG_S
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
+    assert [r["step"] for r in _train_records(killed)] == list(range(1, 9))
     assert not (killed / "summary.json").exists() or json.loads((killed / "summary.json").read_text())["status"] != (
         "finished"
     )
-    resumed = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=HANG_S)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads((killed / "summary.json").read_text())
-    assert summary["status"] == "finished" and summary["resumed_from"] in (6, 9)
+    assert summary["status"] == "finished" and summary["resumed_from"] == 6
     expected, got = _train_records(reference), _train_records(killed)
     assert [r["step"] for r in got] == list(range(1, 13))
     for a, b in zip(expected, got, strict=True):
@@ -174,8 +178,11 @@ def metamath_base(tmp_path_factory) -> Path:
     return folder
 
 
-def _launch(launcher: str, overrides: list[str], port: int, machines: int = 1) -> list[subprocess.Popen]:
-    """`python -m mora.launch` once per machine (all on this host, as on a cluster with a shared filesystem)."""
+def _launch(
+    launcher: str, overrides: list[str], port: int, machines: int = 1, env: dict[str, str] | None = None
+) -> list[subprocess.Popen]:
+    """`python -m mora.launch` once per machine (all on this host, as on a cluster with a shared filesystem), each
+    in a process group of its own with its ranks."""
     per_machine = 2 // machines
     common = [f"launcher={launcher}", f"launcher.num_processes={per_machine}", f"launcher.num_machines={machines}"]
     if machines > 1:
@@ -192,7 +199,8 @@ def _launch(launcher: str, overrides: list[str], port: int, machines: int = 1) -
                 *overrides,
             ],
             cwd=REPO_ROOT,
-            env={**ENV, "OMP_NUM_THREADS": "1"},
+            env={**(env or ENV), "OMP_NUM_THREADS": "1"},
+            start_new_session=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -201,7 +209,7 @@ def _launch(launcher: str, overrides: list[str], port: int, machines: int = 1) -
     ]
 
 
-def _wait(processes: list[subprocess.Popen], timeout: float = 600) -> None:
+def _wait(processes: list[subprocess.Popen], timeout: float = HANG_S) -> None:
     for process in processes:
         output, _ = process.communicate(timeout=timeout)
         assert process.returncode == 0, output[-4000:]
@@ -288,29 +296,24 @@ def test_a_text_task_on_two_processes_trains_and_evaluates_as_on_one(tmp_path, m
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("launcher,port", [("deepspeed_zero2", 29531), ("deepspeed_zero3", 29541)])
 def test_deepspeed_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, pretrained_base, launcher, port):
-    steps = ["train.steps=120", "train.eval_steps=[120]", "train.checkpoint_every=10"]  # long enough to be killed
+    steps = ["train.steps=40", "train.eval_steps=[40]", "train.checkpoint_every=10"]
     overrides = [*COMMON, *steps, f"model.pretrained={pretrained_base}"]
     if launcher == "deepspeed_zero3":  # partition every parameter (see the parity test)
         overrides.append("launcher.deepspeed_overrides={zero_optimization:{stage3_param_persistence_threshold:0}}")
     reference = tmp_path / "reference"
     _wait(_launch(launcher, [*overrides, f"run.dir={reference}"], port=port))
     killed = tmp_path / "killed"
-    first = _launch(launcher, [*overrides, f"run.dir={killed}"], port=port + 1)[0]
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step-20" / "state.json").exists():
-        assert first.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.05)
-    victims = [first.pid, *(child.pid for child in psutil.Process(first.pid).children(recursive=True))]
-    for pid in victims:  # the launcher and both ranks at once, as when a node dies
-        with contextlib.suppress(ProcessLookupError):  # a short-lived helper process may already be gone
-            os.kill(pid, signal.SIGKILL)
-    first.communicate()
+    # the launcher and both ranks at once, as when a node dies, at step 30: after the checkpoint of step 20
+    first = _launch(launcher, [*overrides, f"run.dir={killed}"], port=port + 1, env=_killed_at(30))[0]
+    output, _ = first.communicate(timeout=HANG_S)
+    assert first.returncode == -signal.SIGKILL, output[-4000:]
+    assert [r["step"] for r in _train_records(killed)][-1] == 30
     assert not (killed / "summary.json").exists(), "the run was not killed before it ended"
     _wait(_launch(launcher, [*overrides, f"run.dir={killed}"], port=port + 2))
     summary = json.loads((killed / "summary.json").read_text())
-    assert summary["status"] == "finished" and summary["resumed_from"] >= 20
+    assert summary["status"] == "finished" and summary["resumed_from"] == 20
     expected, got = _train_records(reference), _train_records(killed)
-    assert [r["step"] for r in got] == list(range(1, 121))
+    assert [r["step"] for r in got] == list(range(1, 41))
     for a, b in zip(expected, got, strict=True):
         assert abs(a["train/loss"] - b["train/loss"]) <= 1e-6, (a, b)
     assert summary["evals"][-1]["eval/char_acc"] == pytest.approx(

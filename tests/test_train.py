@@ -14,6 +14,7 @@ from mora.paths import CONFIG_DIR, REPO_ROOT
 from mora.reporting.table2 import CSV_COLUMNS, line_style, write_results
 from mora.training.run import run
 from scripts.smoke import check_run_folder, smoke_overrides
+from tests.conftest import HANG_S
 
 
 def _compose(*overrides):
@@ -122,7 +123,7 @@ def test_cli_prints_one_error_line(tmp_path):
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
-        timeout=120,
+        timeout=HANG_S,
     )
     assert result.returncode == 2
     line = "error: adapter.r -1: input should be greater than 0; give adapter.r as a positive integer rank, e.g. "
@@ -193,7 +194,7 @@ def test_multirun_sweep_writes_one_folder_per_job(tmp_path):
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
-        timeout=300,
+        timeout=HANG_S,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     folders = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "sweep").iterdir())
@@ -205,16 +206,16 @@ def test_table_runner_refuses_a_finished_run_of_another_config(tmp_path):
     from experiments.reproduce import Run, finished
 
     overrides = smoke_overrides("lora", "uuid", 2, tmp_path / "run")
-    assert not finished(Run("uuid", "lora", 1e-3, 0, tmp_path / "run", overrides))
+    assert not finished(Run("uuid", "lora", 1e-3, 0, tmp_path / "run", overrides), tmp_path)
     run(_compose(*overrides))
-    assert finished(Run("uuid", "lora", 1e-3, 0, tmp_path / "run", overrides))
+    assert finished(Run("uuid", "lora", 1e-3, 0, tmp_path / "run", overrides), tmp_path)
     with pytest.raises(SystemExit, match="holds a finished run of a different config"):
-        finished(Run("uuid", "lora", 1e-3, 0, tmp_path / "run", [*overrides, "task.n_pairs=24"]))
+        finished(Run("uuid", "lora", 1e-3, 0, tmp_path / "run", [*overrides, "task.n_pairs=24"]), tmp_path)
     # a run made through mora.launch records its launcher: the same launcher overrides find it finished
     launch = ["launcher=ddp", "launcher.num_processes=2"]
     launched = smoke_overrides("lora", "uuid", 2, tmp_path / "launched")
     run(_compose(*launch, *launched))
-    assert finished(Run("uuid", "lora", 1e-3, 0, tmp_path / "launched", launched), launch)
+    assert finished(Run("uuid", "lora", 1e-3, 0, tmp_path / "launched", launched), tmp_path, launch)
 
 
 def test_table2_plot_gives_each_operator_one_colour_and_each_rank_one_style():

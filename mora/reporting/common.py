@@ -1,5 +1,11 @@
-"""What the table reporters share: grouping finished runs by cell and point, picking the best point of each cell,
-mean ± std, and copying the run records beside the tables."""
+"""What the table reporters share: where a table keeps its run records, gathering the kept records with new runs,
+grouping finished runs by cell and point, picking the best point of each cell, mean ± std, and keeping the new runs'
+records beside the tables.
+
+A table's records (results/<table>/runs/<profile>/, committed) are never deleted or replaced by a report: a table
+is built from them and from the runs under the runner's folder together, so a narrowed command (one cell, a new
+seed) adds to a table and never shrinks it. The runner skips a run whose record is kept with the same config and
+refuses one that a kept record of another config would have to make way for (experiments/reproduce.py)."""
 
 from __future__ import annotations
 
@@ -64,14 +70,27 @@ def mean_std(values: list[float], digits: int = 1) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def copy_records(runs: list[dict[str, Any]], kept: Path, extra: tuple[str, ...] = ()) -> None:
-    """Each run's records (and `extra` files where present) into kept/<run folder name>/, replacing kept. Runs that
-    already lie in kept (a report rebuilt from the kept records themselves) are left as they are."""
-    if any(run["dir"].resolve().is_relative_to(kept.resolve()) for run in runs):
-        return
-    shutil.rmtree(kept, ignore_errors=True)
+def kept(out: Path, profile: str, root: Path) -> Path:
+    """Where a table written to `out` keeps the records of the runs under `root` (the runner's folder of one
+    profile): out/runs/<profile>/, mirroring root (a table of several tasks: <task>/<run>)."""
+    return out / "runs" / profile
+
+
+def gather(root: Path, records: Path) -> list[dict[str, Any]]:
+    """The finished runs a table is built from: the records kept in `records` and the runs under `root`, by folder
+    name; where both hold a name, the kept record (the runner found it and did not run it again)."""
+    runs = {run["dir"].name: run for run in load_runs(root)}
+    runs.update({run["dir"].name: run for run in load_runs(records)})
+    return [runs[name] for name in sorted(runs)]
+
+
+def keep_records(runs: list[dict[str, Any]], records: Path, extra: tuple[str, ...] = ()) -> None:
+    """Each run's records (and `extra` files where present) into records/<run folder name>/, for the runs not kept
+    there yet. Nothing kept is deleted or overwritten."""
     for run in runs:
-        target = kept / run["dir"].name
+        target = records / run["dir"].name
+        if run["dir"].resolve() == target.resolve() or target.exists():
+            continue
         target.mkdir(parents=True)
         for name in (*RECORDS, *extra):
             if (run["dir"] / name).exists():

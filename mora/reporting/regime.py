@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from mora.reporting.common import best_points, copy_records, load_runs, lr_cell, mean_std
+from mora.reporting.common import best_points, gather, keep_records, lr_cell, mean_std
 from mora.reporting.table2 import PAPER_ROWS, acc_by_step
 
 BITS_PER_VALUE = 128
@@ -154,24 +154,38 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> None:
     plt.close(fig)
 
 
+def _point(root: Path) -> tuple[str, str]:
+    """The sweep and the point of a runner folder: runs/table2_regime_w128/tiny -> (table2_regime, w128)."""
+    sweep, name = root.parent.name.rsplit("_", 1)
+    return sweep, name
+
+
+def kept(out: Path, profile: str, root: Path) -> Path:
+    """Where the records of one point's runs are kept: out/runs/<point>/ (the sweep's points share out)."""
+    return out / "runs" / _point(root)[1]
+
+
 def write_results(
     root: Path, out: Path, profile: str, cells: list[dict[str, Any]], tasks: list[str] | None = None
 ) -> list[Path]:
-    """Every point of the sweep under root's parent folder (runs/<sweep>_<point>/<profile>), into out: regime.md,
-    regime.csv, regime.png and the runs' records under out/runs/<point>/ (`tasks`: the runner's argument; UUID)."""
-    sweep = root.parent.name.rsplit("_", 1)[0]  # runs/table2_regime_w128/tiny -> table2_regime
-    rows, kept = [], []
-    for folder in sorted(root.parent.parent.glob(f"{sweep}_*/{profile}")):
-        runs = load_runs(folder)
-        name = folder.parent.name[len(sweep) + 1 :]
+    """Every point of the sweep, its runs under root's parent folder (runs/<sweep>_<point>/<profile>) with the
+    records kept under out/runs/<point>/, into out: regime.md, regime.csv, regime.png, and the new runs' records
+    kept there (`tasks`: the runner's argument; UUID)."""
+    sweep = _point(root)[0]
+    ran = {folder.parent.name[len(sweep) + 1 :] for folder in root.parent.parent.glob(f"{sweep}_*/{profile}")}
+    names = sorted(ran | {p.name for p in (out / "runs").glob("*") if p.is_dir()})
+    rows, points = [], []
+    for name in names:
+        records = out / "runs" / name
+        runs = gather(root.parent.parent / f"{sweep}_{name}" / profile, records)
         rows += point_rows(name, runs, cells)
-        kept.append((name, runs))
+        points.append((records, runs))
     if not rows:
         raise ValueError(f"no finished pair of LoRA and MoRA runs under {root.parent.parent}/{sweep}_*/{profile}")
     rows.sort(key=lambda r: (r["level"] != "low", r["params_per_bit"]))
     out.mkdir(parents=True, exist_ok=True)
-    for name, runs in kept:
-        copy_records(runs, out / "runs" / name)
+    for records, runs in points:
+        keep_records(runs, records)
     paths = [out / "regime.md", out / "regime.csv", out / "regime.png"]
     write_markdown(paths[0], rows, cells)
     write_csv(paths[1], rows)

@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from mora.reporting.common import best_points, copy_records, load_runs, mean_std
+from mora.reporting.common import best_points, gather, keep_records, kept, mean_std
 
 # (column key in our summaries, Table 1 header, the task that trains for it)
 COLUMNS = (
@@ -190,18 +190,19 @@ def plot_losses(path: Path, task: str, chosen: dict[str, list], cells: list[dict
 
 
 def write_results(root: Path, out: Path, profile: str, cells: list[dict[str, Any]], tasks: list[str]) -> list[Path]:
-    """Collect the finished runs under root/<task>/ and write the tables, the CSV, the plots and every finished
-    run's records under out/runs/<profile>/<task>/ (tasks not run yet show "–")."""
+    """Collect the finished runs under root/<task>/ with the records kept under out/runs/<profile>/<task>/, write the
+    tables, the CSV and the plots, and keep the new runs' records there (tasks not run yet show "–")."""
     chosen: dict[str, dict[str, list]] = {}
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if profile == "tiny" else f"_{profile}"
     paths: list[Path] = []
     for task in tasks:
-        runs = load_runs(root / task)
+        records = kept(out, profile, root) / task
+        runs = gather(root / task, records)
         if not runs:
             continue
         chosen[task] = select(runs, cells, task)
-        copy_records(runs, out / "runs" / profile / task)
+        keep_records(runs, records)
         paths.append(out / f"loss_{task}{suffix}.png")
         plot_losses(paths[-1], task, chosen[task], cells, profile)
     if not chosen:

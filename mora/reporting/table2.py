@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from mora.reporting.common import best_points, copy_records, load_runs, lr_cell, mean_std
+from mora.reporting.common import best_points, gather, keep_records, kept, lr_cell, mean_std
 
 # PAPER.md Table 2: character-level accuracy at steps 300/500/700/900 (LLaMA-2-7B).
 PAPER_STEPS = (300, 500, 700, 900)
@@ -189,14 +189,16 @@ def plot(path: Path, chosen: dict[str, list[dict[str, Any]]], profile: str) -> N
 def write_results(
     root: Path, out: Path, profile: str, cells: list[dict[str, Any]], tasks: list[str] | None = None
 ) -> list[Path]:
-    """Collect the runs under root and write table2.md, table2.csv, table2.png (where matplotlib is installed) and
-    every run's records under out/runs (`tasks` is the generic runner's argument; Table 2 has one task)."""
-    runs = load_runs(root)
+    """Collect the runs under root with the records kept under out/runs/<profile>, write table2.md, table2.csv and
+    table2.png (where matplotlib is installed), and keep the new runs' records there (`tasks` is the generic runner's
+    argument; Table 2 has one task)."""
+    records = kept(out, profile, root)
+    runs = gather(root, records)
     if not runs:
         raise ValueError(f"no finished runs under {root}: run `make reproduce-table2 PROFILE={profile}` first")
     chosen = select(runs, cells)
     out.mkdir(parents=True, exist_ok=True)
-    copy_records(runs, out / "runs" / profile)
+    keep_records(runs, records)
     suffix = "" if profile == "tiny" else f"_{profile}"
     paths = [out / f"table2{suffix}.md", out / f"table2{suffix}.csv", out / f"table2{suffix}.png"]
     base = next((run for run in runs if run["dir"].name == "base"), None)  # the runner's base-model folder

@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from mora.reporting.common import best_points, copy_records, load_runs, lr_cell, mean_std
+from mora.reporting.common import best_points, gather, keep_records, kept, lr_cell, mean_std
 
 PAPER_MODELS = ("250M", "1.3B")
 PAPER_TABLE3 = {  # PAPER.md Table 3: C4 validation perplexity
@@ -165,14 +165,15 @@ def plot_spectrum(path: Path, chosen: dict[str, list], cells: list[dict[str, Any
 
 
 def write_results(root: Path, out: Path, profile: str, cells: list[dict[str, Any]], tasks: list[str]) -> list[Path]:
-    """Collect the finished runs under root and write the table, the CSV, both figures and every finished run's
-    records (with spectrum.json) under out/runs/<profile>/."""
-    runs = load_runs(root)
+    """Collect the finished runs under root with the records kept under out/runs/<profile>/, write the table, the
+    CSV and both figures, and keep the new runs' records (with spectrum.json) there."""
+    records = kept(out, profile, root)
+    runs = gather(root, records)
     if not runs:
         raise ValueError(f"no finished runs under {root}: run `make reproduce-table3 PROFILE={profile}` first")
     chosen = best_points(runs, cells, final_ppl, lower_is_better=True)
     out.mkdir(parents=True, exist_ok=True)
-    copy_records(runs, out / "runs" / profile, extra=("spectrum.json",))
+    keep_records(runs, records, extra=("spectrum.json",))
     suffix = "" if profile == "tiny" else f"_{profile}"
     paths = [out / f"table3{suffix}.md", out / f"table3{suffix}.csv"]
     paths += [out / f"fig4_loss{suffix}.png", out / f"fig5_spectrum{suffix}.png"]

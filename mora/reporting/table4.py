@@ -12,7 +12,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from mora.reporting.common import best_points, copy_records, load_runs, lr_cell, mean_std
+from mora.reporting.common import best_points, gather, keep_records, kept, lr_cell, mean_std
 
 OPERATORS = (  # (compression, the paper's row, its equation)
     ("truncation", "Truncation", "Eq. 4"),
@@ -93,14 +93,17 @@ def write_csv(path: Path, chosen: dict[str, list], cells: list[dict], key: str) 
 
 
 def write_results(root: Path, out: Path, profile: str, cells: list[dict[str, Any]], tasks: list[str]) -> list[Path]:
-    """Collect the finished runs under root and write table4.md, table4.csv and every finished run's records."""
+    """Collect the finished runs under root with the records kept under out/runs/<profile>, write table4.md and
+    table4.csv, and keep the new runs' records there (the base model's too)."""
     key = metric(tasks)
-    runs = [r for r in load_runs(root) if r["dir"].name != "base"]
+    records = kept(out, profile, root)
+    everything = gather(root, records)
+    runs = [r for r in everything if r["dir"].name != "base"]
     if not runs:
         raise ValueError(f"no finished runs under {root}: run `make reproduce-table4 PROFILE={profile}` first")
     chosen = best_points(runs, cells, lambda run: score(run, key))
     out.mkdir(parents=True, exist_ok=True)
-    copy_records(load_runs(root), out / "runs" / profile)
+    keep_records(everything, records)
     suffix = "" if profile == "tiny" else f"_{profile}"
     paths = [out / f"table4{suffix}.md", out / f"table4{suffix}.csv"]
     write_markdown(paths[0], chosen, cells, profile, key)

@@ -15,7 +15,9 @@ from the pieces here (`TaskSettings`, `Source`, `TextEval`), and `check_task` ch
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -169,16 +171,32 @@ def check(cfg: DictConfig | Mapping[str, Any]) -> None:
 
 
 def check_folder(key: str, path: Path) -> None:
-    """A folder that is one, or can be created: no file in its place or above it, and a writable parent."""
+    """A folder that is one, or can be created: no file in its place or above it, and a place the system lets us
+    write. Permissions alone do not say that (root passes every check; /proc and read-only mounts refuse anyway), so
+    it is tried: a nameless temporary file in an existing folder, or the first missing folder on the way to it,
+    made and removed at once. Nothing is left behind."""
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{key} {str(path)!r}: is a file, not a folder; give {key} a new or existing folder")
-    parent = path
-    while not parent.exists():
-        parent = parent.parent
+    first_missing = path
+    while not first_missing.parent.exists() and first_missing.parent != first_missing:
+        first_missing = first_missing.parent
+    parent = first_missing.parent if not path.exists() else path
     if not parent.is_dir():
         raise ConfigError(f"{key} {str(path)!r}: lies under the file {parent}; give {key} a folder elsewhere")
-    if not path.exists() and not os.access(parent, os.W_OK):
-        raise ConfigError(f"{key} {str(path)!r}: cannot be created ({parent} is not writable); give a writable place")
+    try:
+        if path.exists():
+            tempfile.TemporaryFile(dir=path).close()
+        else:
+            os.mkdir(first_missing)
+            with contextlib.suppress(OSError):  # another process of the run may have written into it since
+                os.rmdir(first_missing)
+    except FileExistsError:  # made by another process of the same run meanwhile
+        pass
+    except OSError as error:
+        raise ConfigError(
+            f"{key} {str(path)!r}: cannot be {'written' if path.exists() else 'created'} ({error.strerror}); give "
+            f"{key} a writable place"
+        ) from None
 
 
 def _line(error: Mapping[str, Any], root: type[BaseModel] | None = None, prefix: str = "") -> str:

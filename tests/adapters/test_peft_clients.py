@@ -21,7 +21,7 @@ from transformers import LlamaForCausalLM
 import mora
 from mora.adapters.mora import COMPRESSIONS
 from mora.adapters.peft_tuner.config import LORA_ONLY_OPTIONS
-from tests.conftest import small_llama
+from tests.conftest import HANG_S, small_llama
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2, 8, 4]])
@@ -169,5 +169,5 @@ assert type(merged).__name__ == "LlamaForCausalLM"
 assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-5)
 print("ok")
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG_S)
     assert result.stdout.strip().endswith("ok"), result.stderr[-2000:]
