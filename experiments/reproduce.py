@@ -45,6 +45,8 @@ from mora.paths import CONFIG_DIR, REPO_ROOT
 from mora.training.run import config_hash, validate
 from mora.training.schema import one_line
 
+if str(REPO_ROOT) not in sys.path:  # run as a script: experiments.rehearsal, as when imported
+    sys.path.insert(0, str(REPO_ROOT))
 PROFILES = ("tiny", "gpu", "paper")
 IN_PROCESS = "in-process"
 DEFAULT_LAUNCHER = {"tiny": IN_PROCESS, "gpu": "local", "paper": "deepspeed_zero2"}  # gpu: one GPU, a process a run
@@ -53,6 +55,11 @@ CELL_KEYS = ("r", "alpha", "compression", "loraplus_ratio")
 # --submit: each run a job through submitit, on SLURM (sbatch) or, to test the same jobs, on this machine
 SUBMITTERS = ("slurm", "local")
 SLURM_CONFIG = CONFIG_DIR / "cluster" / "slurm.yaml"
+REHEARSALS = REPO_ROOT / "runs" / "rehearsal"  # --rehearse: its runs, tables and stand-in models, apart from results/
+REHEARSAL_BANNER = (
+    "> **Rehearsal** (experiments/rehearsal.py): this profile's code path at toy sizes, on this machine. The numbers "
+    "say nothing about the method; only that every run of the table trains, evaluates, saves and reports.\n\n"
+)
 
 
 @dataclass
@@ -112,9 +119,11 @@ def runs(
     root: Path,
     cells: list[str] | None = None,
     extra: list[str] | None = None,
+    one_point: bool = False,
 ) -> tuple[list[Run], Run | None]:
     """The table's runs for these tasks, seeds and cells (None: all), with the `extra` Hydra overrides added to
-    every run, and the base-model run they start from."""
+    every run, and the base-model run they start from (`one_point`: each cell's first learning rate and search
+    point only)."""
     spec = experiment(table, profile)
     common = [f"profile={profile}", f"experiment={table}", "train.progress=false"]
     extra = list(extra or [])
@@ -132,7 +141,10 @@ def runs(
         for cell in spec["cells"]:
             if task not in cell.get("tasks", spec["table"]["tasks"]) or (cells and cell["name"] not in cells):
                 continue
-            for lr, point, seed in itertools.product(cell_lrs(cell, task), search_points(cell), seeds):
+            lrs, points = cell_lrs(cell, task), search_points(cell)
+            if one_point:
+                lrs, points = lrs[:1], points[:1]
+            for lr, point, seed in itertools.product(lrs, points, seeds):
                 tag = "".join(f"-{k.rsplit('.', 1)[-1]}{_value(v)}" for k, v in point.items())
                 name = f"{cell['name']}-lr{lr:g}{tag}-s{seed}"
                 folder = root / task / name if nested else root / name
@@ -203,6 +215,19 @@ def recorded(run: Run, root: Path, records: Path, launch: list[str] | None = Non
             "elsewhere (--out, make: OUT=) or delete the record"
         )
     return True
+
+
+def rehearse(runs: list[Run], launcher: str, nproc: int, root: Path) -> None:
+    """Every run at rehearsal size (experiments/rehearsal.py), in place: its launcher, optimizer, schedule shape,
+    precision, restarts and evaluation as its profile has them."""
+    from experiments.rehearsal import replace, shrunk
+
+    for run in runs:
+        launch = launch_overrides(run, launcher, nproc)
+        cfg = compose_cfg([*launch, *run.overrides])
+        world = int(cfg.launcher.num_processes) if launch else 1
+        tiny = compose_cfg(["profile=tiny", f"task={run.task}"])
+        run.overrides = replace(run.overrides, shrunk(cfg, tiny, world, root, REHEARSALS / "models"))
 
 
 def check_run(run: Run, launcher: str, nproc: int) -> None:
@@ -321,14 +346,17 @@ def execute(todo: list[Run], launcher: str, nproc: int, jobs: int, keep_going: b
         print(f"{run.folder}: {shlex.join(cmd[1:])}", flush=True)
         started = time.monotonic()
         result = subprocess.run(cmd, cwd=REPO_ROOT)
+        status = "finished" if not result.returncode else f"failed (exit code {result.returncode})"
+        name = run.launcher or launcher
+        processes = 1 if name == "local" else nproc
+        what = f"{run.cell} [{run.task}] lr={run.lr:g} seed={run.seed}"
+        seconds = time.monotonic() - started
+        print(f"{what}: {name} x {processes}, {seconds:.0f} s, {status}: {run.folder}", flush=True)
         if result.returncode:
             line = f"the run in {run.folder} failed (exit code {result.returncode}); see its summary"
             if not keep_going:
                 raise SystemExit(f"error: {line}")
-            print(line, flush=True)
             failed.append(line)
-            continue
-        print(f"{run.folder.name}: finished in {time.monotonic() - started:.1f} s (process start to exit)", flush=True)
     return failed
 
 
@@ -372,6 +400,13 @@ def main(argv: list[str] | None = None) -> int:
         help="after a failed run or job, start the next; the table from the others, then exit 1 naming the failed",
     )
     parser.add_argument(
+        "--rehearse",
+        action="store_true",
+        help="every run at toy sizes through its profile's own code path (experiments/rehearsal.py), into "
+        "runs/rehearsal/",
+    )
+    parser.add_argument("--one-point", action="store_true", help="each cell's first learning rate and search point")
+    parser.add_argument(
         "--submit", choices=SUBMITTERS, help="each run a job on one node through submitit: slurm, or local to test"
     )
     parser.add_argument(
@@ -414,12 +449,14 @@ def main(argv: list[str] | None = None) -> int:
     launcher = args.launcher or DEFAULT_LAUNCHER[args.profile]
     if args.submit and launcher == IN_PROCESS:
         launcher = "local"  # the tiny profile's runs as jobs: one process each
-    root = args.runs or REPO_ROOT / "runs" / args.table / args.profile
+    root = args.runs or (REHEARSALS if args.rehearse else REPO_ROOT / "runs") / args.table / args.profile
     bad = [o for o in args.set if "=" not in o]
     if bad:
         parser.error(f"--set {bad}: each override is KEY=VALUE, e.g. train.micro_batch=2")
     try:
-        todo, base = runs(args.table, args.profile, args.seeds, tasks, root, args.cells, args.set)
+        todo, base = runs(args.table, args.profile, args.seeds, tasks, root, args.cells, args.set, args.one_point)
+        if args.rehearse:
+            rehearse(([base] if base else []) + todo, launcher, args.nproc, root)
         for run in ([base] if base else []) + todo:  # every run's config, before the first starts
             check_run(run, launcher, args.nproc)
     except (ValueError, HydraException, OmegaConfBaseException) as error:
@@ -438,8 +475,11 @@ def main(argv: list[str] | None = None) -> int:
         return execute(runs, launcher, args.nproc, jobs, keep_going)
 
     reporter = importlib.import_module(f"mora.reporting.{spec['table']['layout']}")
-    out = args.out or REPO_ROOT / spec["table"].get("out", f"results/{args.table}")  # table.out: a shared folder
+    table_out = spec["table"].get("out", f"results/{args.table}")  # table.out: a shared folder
+    out = args.out or (REHEARSALS / table_out if args.rehearse else REPO_ROOT / table_out)
     records = reporter.kept(out, args.profile, root)
+    if args.rehearse:  # a rehearsal's table keeps no records of its own: its runs lie in runs/rehearsal/ already
+        shutil.rmtree(records, ignore_errors=True)
 
     def launch(run: Run) -> list[str]:
         return launch_overrides(run, launcher, args.nproc)
@@ -457,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # the runs are done; too few of them for a table yet (e.g. --cells of one method)
         print(f"no table written: {error}", flush=True)
         paths = []
+    if args.rehearse:  # marked, whoever reads them
+        for path in (p for p in paths if p.suffix == ".md"):
+            path.write_text(REHEARSAL_BANNER + path.read_text())
     if paths:
         print("wrote " + ", ".join(map(str, paths)))
     if failed:

@@ -22,6 +22,7 @@ from mora.paths import CONFIG_DIR, REPO_ROOT
 from mora.tasks import c4
 from mora.tasks.corpus import python_docs, python_docs_split
 from mora.tasks.tokenizer import fixture_bpe
+from mora.training.reload import evaluate_saved
 from mora.training.run import run as train_run
 from mora.training.run import validate
 from scripts.smoke import check_run_folder, smoke_overrides
@@ -382,12 +383,21 @@ def test_a_reduced_tiny_table4_runs_end_to_end(tmp_path):
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_pretrains_on_the_c4_recipe(tmp_path, method):
     folder = tmp_path / method
-    summary = train_run(_compose(["task=c4", *smoke_overrides(method, "c4", 4, folder)]))
+    # a learning rate at which two steps move the perplexity well past the reload check's tolerance
+    cfg = _compose(["task=c4", *smoke_overrides(method, "c4", 4, folder), "train.lr=1e-2"])
+    summary = train_run(cfg)
     assert check_run_folder(folder) == [] and summary["examples"] == 64
+    if method != "fft":  # the adapter's own count, as built (a merged ReLoRA model has none left to count)
+        built = build_adapter(build_model(cfg.model, meta=True), cfg.adapter).trainable_parameters()
+        assert summary["trainable_params"] == built
     assert (
         math.isfinite(summary["evaluation"]["scores"]["ppl"]) and summary["evaluation"]["scores"]["tokens"] == 8 * 127
     )
     assert (folder / "spectrum.json").exists() == (method not in ("fft", "dora"))  # DoRA: not base + delta
+    # what the run left on disk is what it evaluated: reloaded alone, the same perplexity (ReLoRA / ReMoRA, whose
+    # base weights hold the merged segments, save the merged model)
+    saved = evaluate_saved(folder)
+    assert saved["agree"], saved
     if method in ("lora", "loraplus", "asylora"):  # the step-0 base rebuilt exactly: ΔW is the rank-8 adapter's
         values = [
             v for kind in json.loads((folder / "spectrum.json").read_text()).values() for v in kind["singular_values"]

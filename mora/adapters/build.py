@@ -50,7 +50,7 @@ class Adapted:
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
         if self.method == "loraplus":
-            return create_loraplus_optimizer(
+            optimizer = create_loraplus_optimizer(
                 self.model,
                 optimizer_cls=torch.optim.AdamW,
                 lr=lr,
@@ -58,6 +58,10 @@ class Adapted:
                 weight_decay=weight_decay,
                 betas=betas,
             )
+            # PEFT keeps a group for embedding adapters even when there are none; DeepSpeed drops empty groups, and
+            # the LR scheduler, built over the optimizer's groups before, then fails at its first step
+            optimizer.param_groups = [group for group in optimizer.param_groups if group["params"]]
+            return optimizer
         params = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
 

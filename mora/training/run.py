@@ -496,10 +496,15 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
     # DoRA's weight is not base + delta (a magnitude rescales it): its spectrum is not computed
     if t.spectrum and cfg.adapter.method not in ("fft", "dora") and accelerator.is_main_process:
         spectrum_means = write_spectrum(model_cfg, cfg.seed, accelerator.unwrap_model(model), out)
+    trainable = adapted.trainable_parameters()  # before a ReLoRA / ReMoRA model is merged to be saved
     state_dict = accelerator.get_state_dict(model)  # every rank: ZeRO-3 gathers its partitioned parameters here
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(out / "adapter", state_dict=state_dict)
-        tokenizer.save_pretrained(out / "adapter")  # an FFT run's folder is then a loadable base model
+        trained = accelerator.unwrap_model(model)
+        if restarts:  # the base weights hold every earlier segment: the adapter alone is not the trained model
+            trained.merge_and_unload().save_pretrained(out / "adapter")
+        else:
+            trained.save_pretrained(out / "adapter", state_dict=state_dict)
+        tokenizer.save_pretrained(out / "adapter")  # an FFT or ReLoRA run's folder is then a loadable model
     return {
         "task": cfg.task.name,
         "model": cfg.model.name,
@@ -514,7 +519,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
         "world_size": world,
         "accumulation": accumulation,
         "resumed_from": start or None,
-        "trainable_params": adapted.trainable_parameters(),
+        "trainable_params": trainable,
         "final_train_loss": loss_value,
         "tokens": tokens_seen,
         "tokens_per_s": round((tokens_seen - clock_tokens) / max(time.time() - clock, 1e-9), 1),

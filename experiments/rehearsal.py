@@ -1,0 +1,176 @@
+"""A dress rehearsal of a GPU profile on this machine: each run of a table keeps its launcher, optimizer, schedule
+shape, precision, restarts, evaluation columns and reporter, and only its sizes shrink (`shrunk`):
+
+- the model: its architecture, 64 wide and 2 layers deep (its MLP / width and key-value / query head ratios kept);
+  a pretrained hub model (LLaMA-2-7B) becomes a randomly initialised stand-in of that shape saved in a local folder
+  with the fixtures' tokenizer (`stand_in`), a model built from config is built at that shape;
+- the adapter's rank and alpha: scaled with the width (r / width and alpha / r as the paper's), at least 1;
+- the data: each task's local fixtures in its source's schema (the tiny profile's `task` sources and sizes),
+  `REHEARSAL_PAIRS` UUID pairs, `EVAL_LIMIT` documents per benchmark;
+- the schedule: `REHEARSAL_STEPS` steps (a run set in epochs keeps its epochs over the fixture), warmup, eval
+  steps, merge intervals and their re-warm scaled into the run (each at least 1 step where the paper's is not 0),
+  the last step evaluated too (a run set in epochs evaluates only it), a checkpoint every `CHECKPOINT_EVERY` steps,
+  every step logged;
+- the batch: micro-batches of `MICRO_BATCH`, accumulating 2 where the paper's profile accumulates on 8 GPUs.
+
+experiments/reproduce.py --rehearse applies it to every run; experiments/rehearse.py (make rehearse) runs every
+table that way and checks each run's saved adapter.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+REHEARSAL_STEPS = 10
+WIDTH, LAYERS, HEADS = 64, 2, 4
+MICRO_BATCH = 2
+PAPER_GPUS = 8  # the paper profiles' batches are laid out for one node of 8 GPUs
+NOMINAL_STEPS = 10_000  # the scale of a run set in epochs (Table 1: 5k to 9k steps; Table 3's 10k)
+CHECKPOINT_EVERY = 1  # a Table 1 run makes 2 to 12 steps over its fixture
+REHEARSAL_PAIRS = 32
+EVAL_LIMIT = 4  # documents per benchmark (at least the processes, which lm-eval shares them among)
+EVAL_BATCH = 8
+# the task settings that are sizes or sources: taken from the same task's tiny profile (local fixtures)
+DATA_KEYS = (
+    "source",
+    "eval_source",
+    "block_size",
+    "max_length",
+    "tokenizer",
+    "vocab_size",
+    "train_tokens",
+    "eval.source",
+    "eval.batch_size",
+    "eval.gen_kwargs",
+    "eval.tokens",
+)
+
+
+def hydra_value(value: Any) -> str:
+    """A Python value as Hydra's override grammar writes it (strings quoted)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    if isinstance(value, str):  # quoted where the grammar would read it otherwise
+        plain = re.fullmatch(r"[A-Za-z0-9_./@+-]+", value) and value not in ("null", "true", "false")
+        return value if plain else "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    return "[" + ",".join(hydra_value(v) for v in value) + "]"
+
+
+def replace(overrides: list[str], values: dict[str, Any]) -> list[str]:
+    """The overrides with `values` in place of any override of the same keys (Hydra refuses a key twice)."""
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in values]
+    return [*kept, *(f"{k}={hydra_value(v)}" for k, v in values.items())]
+
+
+def _scaled(value: int, steps: int) -> int:
+    """A step count of a `steps`-long run moved into a REHEARSAL_STEPS-long one: at least 1 where it was not 0."""
+    return 0 if not value else max(1, min(REHEARSAL_STEPS, round(value * REHEARSAL_STEPS / steps)))
+
+
+def model_values(model: DictConfig, root: Path, stand_ins: Path) -> dict[str, Any]:
+    """The model at rehearsal size; a pretrained hub model's stand-in folder is made here when missing (a base model
+    that the runner trains under `root` stays as it is)."""
+    c = model.config
+    heads = int(c.num_attention_heads)
+    values: dict[str, Any] = {
+        "model.config.hidden_size": WIDTH,
+        "model.config.intermediate_size": round(WIDTH * c.intermediate_size / c.hidden_size),
+        "model.config.num_hidden_layers": LAYERS,
+        "model.config.num_attention_heads": HEADS,
+        "model.config.num_key_value_heads": max(1, HEADS * int(c.get("num_key_value_heads") or heads) // heads),
+    }
+    pretrained = model.get("pretrained")
+    if pretrained and not Path(str(pretrained)).is_relative_to(root):
+        folder = stand_ins / str(model.name)
+        shape = OmegaConf.from_dotlist([f"{k.removeprefix('model.')}={v}" for k, v in values.items()])
+        stand_in(OmegaConf.merge(model, shape), folder)
+        values["model.pretrained"] = str(folder)
+    return values
+
+
+def stand_in(model: DictConfig, folder: Path) -> None:
+    """A randomly initialised model of the (shrunk) architecture with the fixtures' tokenizer, saved as a hub model
+    would be, in its own dtype: the rehearsal's pretrained model. Made once (seed 0)."""
+    if (folder / "config.json").is_file():
+        return
+    from mora.models import build_model
+    from mora.tasks.tokenizer import fixture_bpe
+
+    tokenizer = fixture_bpe()
+    spec = OmegaConf.to_container(model, resolve=True)
+    spec["config"]["vocab_size"] = len(tokenizer)
+    spec["config"]["bos_token_id"], spec["config"]["eos_token_id"] = tokenizer.bos_token_id, tokenizer.eos_token_id
+    partial = folder.with_name(folder.name + ".partial")
+    build_model({**spec, "pretrained": None}, seed=0).save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(folder)
+
+
+def adapter_values(cfg: DictConfig) -> dict[str, Any]:
+    """Rank and alpha scaled with the width: r / width and alpha / r stay the paper's."""
+    a = cfg.adapter
+    if a.method == "fft" or a.get("r") is None:
+        return {}
+    r = max(1, round(a.r * WIDTH / cfg.model.config.hidden_size))
+    values: dict[str, Any] = {"adapter.r": r}
+    if a.get("alpha") is not None:
+        values["adapter.alpha"] = float(a.alpha) * r / a.r
+    return values
+
+
+def schedule_values(cfg: DictConfig, world: int) -> dict[str, Any]:
+    t = cfg.train
+    steps = NOMINAL_STEPS if t.get("epochs") is not None else int(t.steps)
+    accumulation = 2 if t.global_batch > t.micro_batch * PAPER_GPUS else 1
+    values: dict[str, Any] = {
+        "train.micro_batch": MICRO_BATCH,
+        "train.global_batch": MICRO_BATCH * world * accumulation,
+        "train.warmup": _scaled(int(t.warmup), steps),
+        "train.log_every": 1,
+        "train.eval_batch": EVAL_BATCH,
+        "train.checkpoint_every": CHECKPOINT_EVERY if t.checkpoint_every else 0,
+    }
+    if t.get("epochs") is None:
+        values["train.steps"] = REHEARSAL_STEPS
+        # and the last step, so that the saved adapter can be checked against an evaluation of itself
+        values["train.eval_steps"] = sorted({*(_scaled(int(s), steps) for s in t.eval_steps), REHEARSAL_STEPS})
+    restart = cfg.adapter.get("restart")
+    if restart is not None:
+        values["adapter.restart.every"] = _scaled(int(restart.every), steps)
+        values["adapter.restart.warmup"] = _scaled(int(restart.warmup), steps)
+    return values
+
+
+def task_values(cfg: DictConfig, tiny: DictConfig) -> dict[str, Any]:
+    """The task's local fixtures and sizes (its tiny profile's), UUID pairs, documents per benchmark."""
+    values: dict[str, Any] = {}
+    for key in DATA_KEYS:
+        if OmegaConf.select(cfg.task, key) is not None or OmegaConf.select(tiny.task, key) is not None:
+            value = OmegaConf.select(tiny.task, key)
+            values[f"task.{key}"] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    if "n_pairs" in cfg.task:
+        values["task.n_pairs"] = REHEARSAL_PAIRS
+    if "columns" in (cfg.task.get("eval") or {}):
+        values["task.eval.limit"] = EVAL_LIMIT
+    return values
+
+
+def shrunk(cfg: DictConfig, tiny: DictConfig, world: int, root: Path, stand_ins: Path) -> dict[str, Any]:
+    """The overrides that shrink one composed run `cfg` to rehearsal size (`tiny`: the same task composed on the
+    tiny profile, for its fixtures; `world`: the run's processes; `root`: the runner's folder of the table)."""
+    return {
+        **model_values(cfg.model, root, stand_ins),
+        **adapter_values(cfg),
+        **task_values(cfg, tiny),
+        **schedule_values(cfg, world),
+    }
