@@ -11,7 +11,9 @@ shape, precision, restarts, evaluation columns and reporter, and only its sizes 
   steps, merge intervals and their re-warm scaled into the run (each at least 1 step where the paper's is not 0),
   the last step evaluated too (a run set in epochs evaluates only it), a checkpoint every `CHECKPOINT_EVERY` steps,
   every step logged;
-- the batch: micro-batches of `MICRO_BATCH`, accumulating 2 where the paper's profile accumulates on 8 GPUs.
+- the batch: micro-batches of `MICRO_BATCH` (of 1 in a run set in epochs, so that its few fixture rows still make
+  several steps and ReLoRA's merges fall inside it), accumulating 2 where the paper's profile accumulates on 8
+  GPUs.
 
 experiments/reproduce.py --rehearse applies it to every run; experiments/rehearse.py (make rehearse) runs every
 table that way and checks each run's saved adapter.
@@ -28,9 +30,10 @@ from omegaconf import DictConfig, OmegaConf
 REHEARSAL_STEPS = 10
 WIDTH, LAYERS, HEADS = 64, 2, 4
 MICRO_BATCH = 2
+EPOCH_MICRO_BATCH = 1  # a Table 1 fixture of 8 to 16 rows still makes several steps an epoch
 PAPER_GPUS = 8  # the paper profiles' batches are laid out for one node of 8 GPUs
 NOMINAL_STEPS = 10_000  # the scale of a run set in epochs (Table 1: 5k to 9k steps; Table 3's 10k)
-CHECKPOINT_EVERY = 1  # a Table 1 run makes 2 to 12 steps over its fixture
+CHECKPOINT_EVERY = 1
 REHEARSAL_PAIRS = 32
 EVAL_LIMIT = 4  # documents per benchmark (at least the processes, which lm-eval shares them among)
 EVAL_BATCH = 8
@@ -132,9 +135,10 @@ def schedule_values(cfg: DictConfig, world: int) -> dict[str, Any]:
     t = cfg.train
     steps = NOMINAL_STEPS if t.get("epochs") is not None else int(t.steps)
     accumulation = 2 if t.global_batch > t.micro_batch * PAPER_GPUS else 1
+    micro = EPOCH_MICRO_BATCH if t.get("epochs") is not None else MICRO_BATCH
     values: dict[str, Any] = {
-        "train.micro_batch": MICRO_BATCH,
-        "train.global_batch": MICRO_BATCH * world * accumulation,
+        "train.micro_batch": micro,
+        "train.global_batch": micro * world * accumulation,
         "train.warmup": _scaled(int(t.warmup), steps),
         "train.log_every": 1,
         "train.eval_batch": EVAL_BATCH,

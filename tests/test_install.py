@@ -49,7 +49,9 @@ print("ok", torch.__version__, transformers.__version__, peft.__version__)
 
 
 def _pip(python, *args):
-    result = subprocess.run([python, "-m", "pip", "install", "--quiet", *args], capture_output=True, text=True)
+    result = subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", "--no-compile", *args], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 

@@ -78,7 +78,8 @@ def test_a_rehearsed_run_keeps_its_profiles_code_path_and_shrinks_only_its_sizes
         assert abs(m.intermediate_size / m.hidden_size - p.intermediate_size / p.hidden_size) < 0.02, what
         t, pt = shrunk.train, paper.train
         accumulation = 2 if pt.global_batch > pt.micro_batch * rehearsal.PAPER_GPUS else 1
-        assert t.global_batch == rehearsal.MICRO_BATCH * world * accumulation, what
+        micro = rehearsal.MICRO_BATCH if t.epochs is None else rehearsal.EPOCH_MICRO_BATCH
+        assert t.micro_batch == micro and t.global_batch == micro * world * accumulation, what
         if t.epochs is None:  # the schedule's shape inside the run: warmup, evaluations, merges, checkpoints
             assert t.steps == rehearsal.REHEARSAL_STEPS and t.steps in t.eval_steps, what
             assert all(0 < s <= t.steps for s in t.eval_steps), what

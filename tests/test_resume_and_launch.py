@@ -296,24 +296,24 @@ def test_a_text_task_on_two_processes_trains_and_evaluates_as_on_one(tmp_path, m
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("launcher,port", [("deepspeed_zero2", 29531), ("deepspeed_zero3", 29541)])
 def test_deepspeed_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, pretrained_base, launcher, port):
-    steps = ["train.steps=40", "train.eval_steps=[40]", "train.checkpoint_every=10"]
+    steps = ["train.steps=12", "train.eval_steps=[12]", "train.checkpoint_every=4"]
     overrides = [*COMMON, *steps, f"model.pretrained={pretrained_base}"]
     if launcher == "deepspeed_zero3":  # partition every parameter (see the parity test)
         overrides.append("launcher.deepspeed_overrides={zero_optimization:{stage3_param_persistence_threshold:0}}")
     reference = tmp_path / "reference"
     _wait(_launch(launcher, [*overrides, f"run.dir={reference}"], port=port))
     killed = tmp_path / "killed"
-    # the launcher and both ranks at once, as when a node dies, at step 30: after the checkpoint of step 20
-    first = _launch(launcher, [*overrides, f"run.dir={killed}"], port=port + 1, env=_killed_at(30))[0]
+    # the launcher and both ranks at once, as when a node dies, at step 10: after the checkpoint of step 8
+    first = _launch(launcher, [*overrides, f"run.dir={killed}"], port=port + 1, env=_killed_at(10))[0]
     output, _ = first.communicate(timeout=HANG_S)
     assert first.returncode == -signal.SIGKILL, output[-4000:]
-    assert [r["step"] for r in _train_records(killed)][-1] == 30
+    assert [r["step"] for r in _train_records(killed)][-1] == 10
     assert not (killed / "summary.json").exists(), "the run was not killed before it ended"
     _wait(_launch(launcher, [*overrides, f"run.dir={killed}"], port=port + 2))
     summary = json.loads((killed / "summary.json").read_text())
-    assert summary["status"] == "finished" and summary["resumed_from"] == 20
+    assert summary["status"] == "finished" and summary["resumed_from"] == 8
     expected, got = _train_records(reference), _train_records(killed)
-    assert [r["step"] for r in got] == list(range(1, 41))
+    assert [r["step"] for r in got] == list(range(1, 13))
     for a, b in zip(expected, got, strict=True):
         assert abs(a["train/loss"] - b["train/loss"]) <= 1e-6, (a, b)
     assert summary["evals"][-1]["eval/char_acc"] == pytest.approx(
