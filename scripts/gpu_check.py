@@ -193,7 +193,7 @@ def table2_part(
     cmd += ["--runs", str(runs), "--out", str(scratch / "reproduce")]
     cells = cells or (["fft", "lora-r8", "mora-r8"] if dry else None)
     cmd += ["--cells", *cells] if cells else []
-    cmd += ["--set", *DRY_TABLE2] if dry else []
+    cmd += ["--one-point", "--set", *DRY_TABLE2] if dry else []  # dry: each cell at its first learning rate
     print(f"== table2 runs in {runs}", flush=True)
 
     def progress() -> None:

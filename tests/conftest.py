@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -6,7 +8,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("MORA_DATA_CACHE", tempfile.mkdtemp(prefix="mora-data-"))  # tokenised-data cache
+if "MORA_DATA_CACHE" not in os.environ:  # the session's tokenised-data cache, removed when it ends
+    os.environ["MORA_DATA_CACHE"] = tempfile.mkdtemp(prefix="mora-data-")
+    atexit.register(shutil.rmtree, os.environ["MORA_DATA_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -71,16 +71,12 @@ CASES = [
 ]
 
 
-# run as a user runs them, in a fresh process: per entry point a value the schema refuses, a group or key Hydra
-# refuses, and one found while building; the other cases call the same entry function in this process (a fresh
-# process costs about 10 s of imports, most of it PEFT's)
+# run as a user runs them, in a fresh process: per entry point a group Hydra refuses, so that the whole way from the
+# command line to the one line is the real one; the other cases call the same entry function in this process (a
+# fresh process costs 7 to 10 s of imports, most of it PEFT's)
 IN_A_FRESH_PROCESS = {
-    ("mora.train", "train.lr=abc"),
     ("mora.train", "adapter=nope"),
-    ("mora.train", "run.dir=/proc/mora-lab/run"),
     ("mora.launch", "launcher=nope"),
-    ("mora.launch", "launcher=ddp train.micro_batch=16 model=llama2_7b"),
-    ("mora.inspect", "adapter.r=0"),
     ("mora.inspect", "model=nope"),
 }
 
@@ -161,11 +157,18 @@ def test_the_table_runner_stops_before_any_run_on_a_bad_value(tmp_path, capsys, 
     assert not (REPO_ROOT / "results" / "table9").exists()
 
 
+def _without_wandb(tmp_path: Path) -> str:
+    """A PYTHONPATH on which `import wandb` fails, as on a GPU node's own environment (the wheelhouse has none)."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text("import sys\nsys.modules['wandb'] = None\n")
+    return os.pathsep.join([str(tmp_path / "site"), str(REPO_ROOT)])
+
+
 def test_a_normal_tiny_run_prints_no_warning(tmp_path):
     # warnings that come from our own use of a library (deprecated calls, DeepSpeed left to guess the device): none;
-    # DS_ACCELERATOR unset as on a fresh shell (the Makefile sets it)
+    # DS_ACCELERATOR unset as on a fresh shell (the Makefile sets it); with W&B disabled, wandb need not be installed
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", PYTHONPATH=_without_wandb(tmp_path))
     args = ["train.steps=2", "train.eval_steps=[2]", "train.progress=false", f"run.dir={tmp_path / 'run'}"]
     result = subprocess.run([sys.executable, "-m", "mora.train", *args], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -175,15 +178,11 @@ def test_a_normal_tiny_run_prints_no_warning(tmp_path):
 
 def test_wandb_on_without_wandb_installed_stops_before_anything_is_written(tmp_path):
     # a GPU node's own environment (the wheelhouse has no wandb): the default wandb.mode=offline is one line at the
-    # start, not an ImportError after the run folder was made
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text("import sys\nsys.modules['wandb'] = None\n")
+    # start, not an ImportError after the run folder was made (that disabled W&B runs there: the test above)
     env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
-    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(REPO_ROOT)]))
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=_without_wandb(tmp_path))
     args = ["train.steps=2", "train.eval_steps=[2]", f"run.dir={tmp_path / 'run'}"]
     result = subprocess.run([sys.executable, "-m", "mora.train", *args], capture_output=True, text=True, env=env)
     line = "error: wandb.mode=offline but wandb is not installed; pip install wandb, or set wandb.mode=disabled "
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [line + "(WANDB_MODE=disabled)"]
     assert not (tmp_path / "run").exists()
-    result = subprocess.run([sys.executable, "-m", "mora.train", *args, "wandb.mode=disabled"], env=env)
-    assert result.returncode == 0 and (tmp_path / "run" / "summary.json").exists()

@@ -55,33 +55,39 @@ def _pip(python, *args):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("versions", ["lock", "oldest"])
-def test_the_core_install_imports_trains_saves_loads_and_merges(tmp_path, versions):
-    source = tmp_path / "source"  # a copy: building in the repository would leave build/ there
+def _core_venv(tmp_path, *requirements: str) -> str:
+    """A fresh venv with torch, the core dependencies as `requirements` pin them, and mora from a copy of the source
+    (building in the repository would leave build/ there); its python."""
+    source = tmp_path / "source"
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO_ROOT / name, source / name)
     shutil.copytree(REPO_ROOT / "mora", source / "mora", ignore=shutil.ignore_patterns("__pycache__"))
     venv.create(tmp_path / "venv", with_pip=True)
     python = str(tmp_path / "venv" / "bin" / "python")
-    lock = ["-c", str(REPO_ROOT / "requirements.txt")]
-    if versions == "lock":
-        _pip(python, "torch==2.13.0", str(source), *lock)
-    else:  # the lower bounds of pyproject.toml's dependencies
-        _pip(python, "torch==2.13.0", "transformers==4.56.2", "peft==0.20.0", str(source))
-    result = subprocess.run([python, "-c", CHECK], capture_output=True, text=True, cwd=tmp_path, timeout=HANG_S)
+    _pip(python, "torch==2.13.0", *requirements, str(source))
+    return python
+
+
+def _check(python: str, cwd) -> list[str]:
+    """CHECK in `python`: torch, transformers and peft's versions."""
+    result = subprocess.run([python, "-c", CHECK], capture_output=True, text=True, cwd=cwd, timeout=HANG_S)
     assert result.returncode == 0 and result.stdout.startswith("ok"), result.stderr[-3000:]
-    if versions == "oldest":
-        assert result.stdout.split()[1:] == ["2.13.0+cpu", "4.56.2", "0.20.0"]
     print(result.stdout, file=sys.stderr)
+    return result.stdout.split()[1:]
 
 
-def test_the_wheelhouse_installs_offline_and_keeps_the_nodes_torch(tmp_path):
-    # a "node": its own torch and an older transformers than the lock; the wheelhouse (built here, for this Python)
-    # installs with --no-index, brings the lock's versions, and leaves torch as it was
-    venv.create(tmp_path / "node", with_pip=True)
-    python = str(tmp_path / "node" / "bin" / "python")
-    _pip(python, "torch==2.13.0", "transformers==4.56.2")
+def test_the_core_install_imports_trains_saves_loads_and_merges_at_the_lock(tmp_path):
+    python = _core_venv(tmp_path, "-c", str(REPO_ROOT / "requirements.txt"))
+    assert _check(python, tmp_path) == ["2.13.0+cpu", "5.23.0", "0.21.2"]
+
+
+def test_the_oldest_core_install_works_and_the_wheelhouse_upgrades_it_offline_keeping_its_torch(tmp_path):
+    # the lower bounds of pyproject.toml's dependencies: a "node" with its own torch and an older stack than the lock
+    python = _core_venv(tmp_path, "transformers==4.56.2", "peft==0.20.0")
+    assert _check(python, tmp_path) == ["2.13.0+cpu", "4.56.2", "0.20.0"]
+    # the wheelhouse (built here, for this Python) installs with --no-index, brings the lock's versions, and leaves
+    # the node's torch as it was
     house = tmp_path / "wheelhouse"
     build = [sys.executable, str(REPO_ROOT / "scripts" / "wheelhouse.py"), "--dest", str(house), "--only", "peft"]
     built = subprocess.run([*build, "hydra-core"], capture_output=True, text=True, timeout=HANG_S)

@@ -209,10 +209,14 @@ def _launch(
     ]
 
 
-def _wait(processes: list[subprocess.Popen], timeout: float = HANG_S) -> None:
+def _wait(processes: list[subprocess.Popen], timeout: float = HANG_S) -> str:
+    """Every launcher's output, once each has exited with 0."""
+    outputs = []
     for process in processes:
         output, _ = process.communicate(timeout=timeout)
         assert process.returncode == 0, output[-4000:]
+        outputs.append(output)
+    return "".join(outputs)
 
 
 def _adapter_tensors(folder: Path) -> dict:
@@ -222,7 +226,8 @@ def _adapter_tensors(folder: Path) -> dict:
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
     "launcher,machines",
-    [("ddp", 1), ("deepspeed_zero2", 1), ("deepspeed_zero3", 1), ("ddp", 2), ("deepspeed_zero2", 2)],
+    # DDP and ZeRO-2 on one machine: the text-task test below; here on two (a rank each), ZeRO-3 on one
+    [("deepspeed_zero3", 1), ("ddp", 2), ("deepspeed_zero2", 2)],
 )
 def test_two_processes_give_the_one_process_loss_curve(tmp_path, pretrained_base, launcher, machines):
     # 33 pairs scored in batches of 16: the processes get 17 and 16, so the second has a batch with no pair left
@@ -233,7 +238,9 @@ def test_two_processes_give_the_one_process_loss_curve(tmp_path, pretrained_base
     single = tmp_path / "single"
     run(_compose(*overrides, f"run.dir={single}"))
     double = tmp_path / f"{launcher}-{machines}"
-    _wait(_launch(launcher, [*overrides, *launch_only, f"run.dir={double}"], port=29517 + machines))
+    output = _wait(_launch(launcher, [*overrides, *launch_only, f"run.dir={double}"], port=29517 + machines))
+    # DeepSpeed on a CPU compiles its shared-memory all-reduce kernel (90 s, once per machine) unless told not to
+    assert "deepspeed_shm_comm" not in output, output[-4000:]
     summary = json.loads((double / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "finished"
     one, two = _train_records(single), _train_records(double)
@@ -300,25 +307,23 @@ def test_deepspeed_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, p
     overrides = [*COMMON, *steps, f"model.pretrained={pretrained_base}"]
     if launcher == "deepspeed_zero3":  # partition every parameter (see the parity test)
         overrides.append("launcher.deepspeed_overrides={zero_optimization:{stage3_param_persistence_threshold:0}}")
-    reference = tmp_path / "reference"
-    _wait(_launch(launcher, [*overrides, f"run.dir={reference}"], port=port))
     killed = tmp_path / "killed"
-    # the launcher and both ranks at once, as when a node dies, at step 10: after the checkpoint of step 8
-    first = _launch(launcher, [*overrides, f"run.dir={killed}"], port=port + 1, env=_killed_at(10))[0]
+    # the launcher and both ranks at once, as when a node dies, at step 11: after the checkpoint of step 8. Up to
+    # its kill the run is an uninterrupted one: the resumed run must give its steps 9-11 again, to the bit
+    first = _launch(launcher, [*overrides, f"run.dir={killed}"], port=port, env=_killed_at(11))[0]
     output, _ = first.communicate(timeout=HANG_S)
     assert first.returncode == -signal.SIGKILL, output[-4000:]
-    assert [r["step"] for r in _train_records(killed)][-1] == 10
+    uninterrupted = _train_records(killed)
+    assert [r["step"] for r in uninterrupted] == list(range(1, 12))
     assert not (killed / "summary.json").exists(), "the run was not killed before it ended"
-    _wait(_launch(launcher, [*overrides, f"run.dir={killed}"], port=port + 2))
+    _wait(_launch(launcher, [*overrides, f"run.dir={killed}"], port=port + 1))
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["resumed_from"] == 8
-    expected, got = _train_records(reference), _train_records(killed)
+    got = _train_records(killed)
     assert [r["step"] for r in got] == list(range(1, 13))
-    for a, b in zip(expected, got, strict=True):
+    for a, b in zip(uninterrupted, got[:11], strict=True):
         assert abs(a["train/loss"] - b["train/loss"]) <= 1e-6, (a, b)
-    assert summary["evals"][-1]["eval/char_acc"] == pytest.approx(
-        json.loads((reference / "summary.json").read_text())["evals"][-1]["eval/char_acc"], abs=1e-6
-    )
+        assert (a["lr"], a["tokens"]) == (b["lr"], b["tokens"]), (a, b)
 
 
 def test_several_processes_wait_hours_at_a_collective_and_use_gloo_on_cpu():

@@ -63,10 +63,10 @@ def test_a_tiny_table_runs_as_jobs_through_submitit(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("WANDB_MODE", "disabled")
     runs, out = tmp_path / "runs", tmp_path / "out"
-    args = ["table2", "--submit", "local", "--slurm", "gpus_per_node=0", "time=10", "--cells", "fft", "mora-r8"]
+    args = ["table2", "--submit", "local", "--slurm", "gpus_per_node=0", "time=10", "--cells", "fft"]
     assert main([*args, "--seeds", "0", "--runs", str(runs), "--out", str(out), "--set", *SMALL]) == 0
     folders = sorted(p.name for p in runs.iterdir() if not p.name.startswith("."))
-    assert folders == ["base", "fft-lr0.001-s0", *(f"mora-r8-lr{lr:g}-s0" for lr in (1e-3, 3e-3, 1e-2))]
+    assert folders == ["base", "fft-lr0.001-s0"]  # the cell's job waits for the base model's
     for name in folders:
         summary = json.loads((runs / name / "summary.json").read_text())
         assert summary["status"] == "finished" and summary["steps"] == 2

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import importlib.util
 import json
 import math
@@ -192,12 +193,22 @@ def process_group_kwargs(world: int, cuda: bool) -> list[InitProcessGroupKwargs]
     return [InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT, **({} if cuda else {"backend": "gloo"}))]
 
 
+def skip_deepspeeds_shared_memory_kernel() -> None:
+    """DeepSpeed on a CPU compiles a shared-memory all-reduce kernel at its first process group: 90 s on 2 cores, once
+    per machine (measured: LOG.md). Only its tensor-parallel inference calls it (`inference_all_reduce`); training
+    reduces through the gloo group, so a CPU run goes without it."""
+    backend = importlib.import_module("deepspeed.comm.torch")  # the attribute `deepspeed.comm.torch` is PyTorch
+    backend.build_shm_op = lambda: None
+
+
 def make_accelerator(accumulation: int) -> Accelerator:
     kwargs = process_group_kwargs(world_size(), torch.cuda.is_available())
     if torch.accelerator.current_accelerator() is None:
         # accelerate's unwrap_model imports DeepSpeed where it is installed, and DeepSpeed, left to detect the
         # device, warns on every machine without one that it chose the CPU: say so (noise, not a problem)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            skip_deepspeeds_shared_memory_kernel()
     return Accelerator(gradient_accumulation_steps=accumulation, kwargs_handlers=kwargs)
 
 
