@@ -43,9 +43,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mora.cli import OneLineParser
+from mora.config import one_line
 from mora.paths import CONFIG_DIR, REPO_ROOT
 from mora.training.run import config_hash, validate
-from mora.training.schema import one_line
 
 if str(REPO_ROOT) not in sys.path:  # run as a script: experiments.rehearsal, as when imported
     sys.path.insert(0, str(REPO_ROOT))

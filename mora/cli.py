@@ -13,8 +13,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
+from mora.config import one_line
 from mora.paths import CONFIG_DIR
-from mora.training.schema import one_line
 
 
 def check_overrides(config_name: str, overrides: list[str]) -> None:

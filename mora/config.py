@@ -11,6 +11,9 @@ steps) stay in mora.training.run.validate.
 
 A task's section differs per recipe: each recipe module (mora/tasks/<recipe>.py) names its own `Settings`, built
 from the pieces here (`TaskSettings`, `Source`, `TextEval`), and `check_task` checks `task` against it.
+
+The vocabulary every floor above shares: tasks, training and the entry points import it; it imports only
+mora.paths (and, to know a column's name, mora.evaluation.columns).
 """
 
 from __future__ import annotations

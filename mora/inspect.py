@@ -18,9 +18,9 @@ from rich.table import Table
 from mora.adapters.build import MORA_FAMILY, build_adapter
 from mora.adapters.peft_tuner import MoraLayer
 from mora.cli import check_overrides
+from mora.config import check
 from mora.models import build_model
 from mora.paths import CONFIG_DIR
-from mora.training.schema import check
 
 
 @dataclass

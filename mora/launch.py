@@ -23,9 +23,9 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mora.config import one_line
 from mora.models import MissingAssetError
 from mora.paths import CONFIG_DIR, REPO_ROOT
-from mora.training.schema import one_line
 
 
 def resolved_deepspeed_config(cfg: DictConfig) -> dict[str, Any]:

@@ -118,9 +118,9 @@ def test_the_regime_sweep_moves_both_ratios_towards_the_papers():
 
 
 def test_every_task_recipe_names_the_settings_of_its_section():
-    # mora.training.run.validate checks `task` against its recipe's Settings (mora.training.schema.check_task)
+    # mora.training.run.validate checks `task` against its recipe's Settings (mora.config.check_task)
+    from mora.config import TaskSettings
     from mora.tasks import recipe, recipes
-    from mora.training.schema import TaskSettings
 
     assert recipes()
     for name in recipes():

@@ -23,6 +23,7 @@ from mora.tasks import c4
 from mora.tasks.corpus import python_docs, python_docs_split
 from mora.tasks.tokenizer import fixture_bpe
 from mora.training.reload import evaluate_saved
+from mora.training.restarts import restarts_of
 from mora.training.run import run as train_run
 from mora.training.run import validate
 from scripts.smoke import check_run_folder, smoke_overrides
@@ -191,7 +192,7 @@ def _pretrain_model(method, **extra):
     cfg = {"method": method, "r": 4, "alpha": 8, "target_modules": LLAMA_TARGETS, "modules_to_save": EMBHEAD}
     cfg.update({"compression": "sharing"} if method in ("mora", "remora") else {})
     cfg.update(extra)
-    return build_adapter(_llama(), cfg, seed=0), _llama()
+    return build_adapter(_llama(), cfg, seed=0), restarts_of(cfg), _llama()
 
 
 def test_the_spectrum_of_a_known_low_rank_update_gives_its_rank():
@@ -211,7 +212,7 @@ def test_the_spectrum_of_a_known_low_rank_update_gives_its_rank():
 
 @pytest.mark.parametrize("method", ["lora", "mora"])
 def test_the_update_of_an_adapter_that_never_merges_is_its_delta_weight(method):
-    adapted, step0 = _pretrain_model(method)
+    adapted, _, step0 = _pretrain_model(method)
     initial = initial_weights(step0, list(adapted_layers(adapted.model)))
     assert set(initial) == {
         f"model.layers.{i}.{p}.{t}"
@@ -251,7 +252,7 @@ def test_a_restart_in_the_pretraining_setup_keeps_outputs_and_the_embedding_opti
     extra = {"restart": {"every": 3, "warmup": 1, "optimizer_reset": "adapter"}}
     if regroup:
         extra["regroup"] = regroup
-    adapted, _ = _pretrain_model(method, **extra)
+    adapted, restarts, _ = _pretrain_model(method, **extra)
     optimizer = _train_steps(adapted, 3)
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(9))
     adapted.model.eval()
@@ -259,16 +260,18 @@ def test_a_restart_in_the_pretraining_setup_keeps_outputs_and_the_embedding_opti
     embed = next(p for n, p in adapted.model.named_parameters() if "embed_tokens" in n and p.requires_grad)
     adapter = [p for n, p in adapted.model.named_parameters() if ("lora_" in n or "mora_" in n) and p.requires_grad]
     assert embed in optimizer.state and all(p in optimizer.state for p in adapter)
-    assert adapted.restarts.restart(adapted.model, optimizer) == 14
+    assert restarts.restart(adapted.model, optimizer) == 14
     assert torch.allclose(adapted.model(input_ids=ids).logits, before, atol=1e-5)
     assert embed in optimizer.state and not any(p in optimizer.state for p in adapter)  # the authors' pretrain mode
 
 
 def test_remora_accumulated_update_is_the_base_weight_difference_plus_the_current_m():
-    adapted, step0 = _pretrain_model("remora", restart={"every": 2, "warmup": 0, "optimizer_reset": "adapter"})
+    adapted, restarts, step0 = _pretrain_model(
+        "remora", restart={"every": 2, "warmup": 0, "optimizer_reset": "adapter"}
+    )
     initial = initial_weights(step0, list(adapted_layers(adapted.model)))
     optimizer = _train_steps(adapted, 2)
-    adapted.restarts.restart(adapted.model, optimizer)  # merged into the base, M zeroed
+    restarts.restart(adapted.model, optimizer)  # merged into the base, M zeroed
     layers = adapted_layers(adapted.model)
     deltas = delta_weights(adapted.model, initial)
     for name, layer in layers.items():

@@ -9,9 +9,9 @@ from omegaconf import OmegaConf
 
 from mora.models import MissingAssetError
 from mora.paths import CONFIG_DIR, REPO_ROOT
+from mora.prompts import ALPACA, ALPACA_WITH_INPUT, alpaca_prompt
 from mora.tasks import build_task, recipes, task_tokenizer
 from mora.tasks.data import IGNORE, cache_root
-from mora.tasks.prompts import ALPACA, ALPACA_WITH_INPUT, alpaca_prompt
 from mora.tasks.tokenizer import fixture_bpe
 
 FIXTURES = REPO_ROOT / "mora" / "tasks" / "fixtures"

@@ -1,5 +1,5 @@
-"""One entry point for every method of the paper: an adapter config -> a trainable model, its optimizer and, for
-ReLoRA / ReMoRA, its restart policy.
+"""One entry point for every method of the paper: an adapter config -> a trainable model and its optimizer (ReLoRA's
+and ReMoRA's restart policy: mora.training.restarts.restarts_of).
 
 Methods: fft, lora, loraplus, dora, asylora, relora (LoRA layers), mora, remora (MoRA layers).
 """
@@ -18,7 +18,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from mora.adapters.peft_tuner import MoraConfig
-from mora.training.restarts import Restarts, next_grouping
+from mora.adapters.restart import next_grouping
 
 METHODS: tuple[str, ...] = ("fft", "lora", "loraplus", "dora", "asylora", "relora", "mora", "remora")
 LORA_FAMILY = ("lora", "loraplus", "dora", "asylora", "relora")
@@ -39,7 +39,6 @@ class Adapted:
 
     model: nn.Module
     method: str
-    restarts: Restarts | None = None
     loraplus_ratio: float | None = None
 
     def trainable_parameters(self) -> int:
@@ -88,16 +87,6 @@ def _check_targets(model: nn.Module, targets: list[str]) -> None:
         )
 
 
-def _restarts(cfg: Mapping[str, Any], regroup: str | None) -> Restarts:
-    restart = cfg.get("restart") or {}
-    return Restarts(
-        every=int(_get(restart, "every", 2000)),
-        warmup=int(_get(restart, "warmup", 50)),
-        optimizer_reset=str(_get(restart, "optimizer_reset", "full")),
-        regroup=regroup,
-    )
-
-
 def asylora_init_(model: nn.Module, seed: int | None = None) -> None:
     """AsyLoRA's initialisation (PAPER.md §2.2): A = the first r columns of V^T from the SVD of a uniform random
     d_in x d_in matrix (rows orthonormal), B = 0, A stays trainable. The authors' code draws
@@ -125,8 +114,8 @@ def build_adapter(model: nn.Module, cfg: Mapping[str, Any], seed: int | None = N
     """Wrap `model` for the method `cfg["method"]`.
 
     Keys: method, r, alpha (LoRA family), dropout, target_modules, compression and rounding (MoRA family),
-    loraplus_ratio (loraplus), restart.{every, warmup, optimizer_reset} (relora, remora), regroup (remora),
-    modules_to_save.
+    loraplus_ratio (loraplus), regroup (remora: checked against the compression here), modules_to_save. The
+    `restart` block of ReLoRA / ReMoRA is the training loop's (mora.training.restarts.restarts_of).
     """
     method = cfg.get("method")
     if method not in METHODS:
@@ -158,7 +147,7 @@ def build_adapter(model: nn.Module, cfg: Mapping[str, Any], seed: int | None = N
             modules_to_save=modules_to_save,
         )
         peft_model = _get_peft_model(model, config)
-        return Adapted(peft_model, method, _restarts(cfg, regroup) if method == "remora" else None)
+        return Adapted(peft_model, method)
 
     alpha = cfg.get("alpha")
     if alpha is None or alpha <= 0:
@@ -179,5 +168,4 @@ def build_adapter(model: nn.Module, cfg: Mapping[str, Any], seed: int | None = N
         ratio = float(_get(cfg, "loraplus_ratio", 4.0))
         if ratio <= 0:
             raise ValueError(f"adapter.loraplus_ratio must be positive, got {ratio}")
-    restarts = _restarts(cfg, None) if method == "relora" else None
-    return Adapted(peft_model, method, restarts, ratio)
+    return Adapted(peft_model, method, ratio)

@@ -4,7 +4,7 @@ A recipe is a module `mora/tasks/<recipe>.py` with
 
     build(cfg, tokenizer) -> Task          # cfg: the composed `task` config group
     tokenizer(cfg) -> PreTrainedTokenizer  # the tokenizer of a model built from config (no pretrained one)
-    class Settings(TaskSettings): ...      # its config section's fields, types and ranges (mora.training.schema)
+    class Settings(TaskSettings): ...      # its config section's fields, types and ranges (mora.config)
 
 and each `configs/task/<name>.yaml` names its recipe (`recipe: metamath`); several configs may share one recipe
 (`biomed` and `finance` are both `recipe: cpt`). Adding a task is one module and one config.

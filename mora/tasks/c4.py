@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from pydantic import StrictBool
 
+from mora.config import Section, Source, TaskSettings, setting
 from mora.evaluation.perplexity import perplexity
 from mora.models import MissingAssetError, ensure_local
 from mora.tasks.data import (
@@ -44,7 +45,6 @@ from mora.tasks.data import (
     tokenizer_fingerprint,
 )
 from mora.tasks.tokenizer import train_bpe
-from mora.training.schema import Section, Source, TaskSettings, setting
 
 DOCUMENTS_PER_BATCH = 1000
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from mora.config import Source, TaskSettings, TextEval, setting
+from mora.prompts import alpaca_prompt
 from mora.tasks.data import IGNORE, tokenised
-from mora.tasks.prompts import alpaca_prompt
 from mora.tasks.text import TextTask
 from mora.tasks.tokenizer import fixture_bpe
-from mora.training.schema import Source, TaskSettings, TextEval, setting
 
 
 def encode(tokenizer: Any, query: str, response: str, max_length: int) -> tuple[list[int], list[int]]:

@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from mora.config import Source, TaskSettings, TextEval, setting
 from mora.tasks.data import IGNORE, tokenised
 from mora.tasks.text import TextTask
 from mora.tasks.tokenizer import fixture_bpe
-from mora.training.schema import Source, TaskSettings, TextEval, setting
 
 ROLES = ("system", "user", "assistant")
 

@@ -20,9 +20,9 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from mora.config import TaskSettings, setting
 from mora.evaluation.processes import partitioned, rank_world
 from mora.tasks.data import IGNORE, Example, collate, epoch_batches
-from mora.training.schema import TaskSettings, setting
 
 ALPHABET = "0123456789abcdef-:"
 SEPARATOR = ":"

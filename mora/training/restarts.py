@@ -1,25 +1,19 @@
-"""ReLoRA / ReMoRA restarts (PAPER.md §2.5): every N steps merge the adapter into the frozen weights, re-initialise it,
-reset optimizer state and re-warm the learning rate (the jagged schedule).
-
-ReMoRA also switches the sharing groups at each restart: the paper toggles two kinds (App. B: `sharing` <->
-`sharing_chunked`), the authors' code cycles four (`remora_types=4`: types 1 -> 2 -> 3 -> 4 -> 1).
+"""ReLoRA / ReMoRA restarts in training (PAPER.md §2.5): every N steps the adapter is merged and re-initialised
+(mora.adapters.restart), the optimizer's state reset, and the learning rate re-warmed (the jagged schedule).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from mora.adapters.peft_tuner import MoraLayer
+from mora.adapters.restart import REGROUP_CYCLES, restart_adapters
 
-REGROUP_CYCLES: dict[str, tuple[str, ...]] = {
-    "paper": ("sharing", "sharing_chunked"),
-    "code": ("sharing", "sharing_chunked", "sharing_chunked_in", "sharing_chunked_out"),
-}
 OPTIMIZER_RESETS = ("full", "adapter")
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -49,18 +43,6 @@ def jagged_factor(kind: str, step: int, warmup: int, total: int, every: int, res
     return scale * schedule_factor(kind, step - start, seg_warmup, total - start)
 
 
-def next_grouping(compression: str, regroup: str) -> str:
-    """The operator ReMoRA switches to at a restart."""
-    if regroup not in REGROUP_CYCLES:
-        raise ValueError(f"unknown ReMoRA regroup schedule {regroup!r}; choose one of {', '.join(REGROUP_CYCLES)}")
-    cycle = REGROUP_CYCLES[regroup]
-    if compression not in cycle:
-        raise ValueError(
-            f"ReMoRA regroups sharing operators ({', '.join(cycle)}); compression={compression!r} has no regrouping"
-        )
-    return cycle[(cycle.index(compression) + 1) % len(cycle)]
-
-
 @dataclass
 class Restarts:
     """Merge-and-restart policy for ReLoRA (LoRA layers) and ReMoRA (MoRA layers)."""
@@ -87,22 +69,9 @@ class Restarts:
         return global_step % self.every == 0 and 0 < global_step < total
 
     def restart(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
-        """Merge every adapter layer, re-initialise it, regroup MoRA, reset optimizer state. Returns layers done.
-        In a multi-process run every process must call it: the re-initialised adapter comes from process 0."""
-        adapter_params: list[nn.Parameter] = []
-        layers = 0
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, MoraLayer):
-                    adapter_params += self._restart_mora(module)
-                elif isinstance(module, LoraLayer):
-                    adapter_params += self._restart_lora(module)
-                else:
-                    continue
-                layers += 1
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                for p in adapter_params:  # every process drew its own new A (its dropout used the RNG differently):
-                    torch.distributed.broadcast(p.data, src=0)  # process 0's, as DDP broadcast them at the start
+        """Merge and re-initialise every adapter layer (regrouping MoRA's for ReMoRA), reset the optimizer's state
+        as `optimizer_reset` says. Returns the layers done. In a multi-process run every process must call it."""
+        layers, adapter_params = restart_adapters(model, self.regroup)
         if optimizer is not None:
             if self.optimizer_reset == "full":
                 optimizer.state.clear()
@@ -111,18 +80,23 @@ class Restarts:
                     optimizer.state.pop(p, None)
         return layers
 
-    def _restart_mora(self, layer: MoraLayer) -> list[nn.Parameter]:
-        layer.merge()
-        layer.merged_adapters.clear()  # the merge is permanent: the base weights now hold dW
-        for name in list(layer.mora_M.keys()):
-            layer.mora_M[name].zero_()
-            if self.regroup is not None:
-                layer.set_compression(name, next_grouping(layer.mora_compression[name], self.regroup))
-        return list(layer.mora_M.values())
 
-    def _restart_lora(self, layer: LoraLayer) -> list[nn.Parameter]:
-        layer.merge()
-        layer.merged_adapters.clear()
-        for name in list(layer.lora_A.keys()):
-            layer.reset_lora_parameters(name, init_lora_weights=True)
-        return [*layer.lora_A.parameters(), *layer.lora_B.parameters()]
+def restarts_of(adapter: Mapping[str, Any]) -> Restarts | None:
+    """The restart policy of an adapter config (`restart.{every, warmup, optimizer_reset}`, ReMoRA's `regroup`):
+    ReLoRA and ReMoRA have one, every other method none."""
+    method = adapter.get("method")
+    if method not in ("relora", "remora"):
+        return None
+    restart = adapter.get("restart") or {}
+
+    def get(key: str, default: Any) -> Any:
+        value = restart.get(key)
+        return default if value is None else value
+
+    regroup = adapter.get("regroup")
+    return Restarts(
+        every=int(get("every", 2000)),
+        warmup=int(get("warmup", 50)),
+        optimizer_reset=str(get("optimizer_reset", "full")),
+        regroup=(str(regroup) if regroup is not None else "paper") if method == "remora" else None,
+    )

@@ -39,13 +39,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mora.adapters.build import METHODS, Adapted, build_adapter
 from mora.adapters.peft_tuner import MoraLayer
+from mora.config import check, check_task
 from mora.evaluation.spectrum import adapted_layers, initial_weights, iter_delta_weights, spectrum
 from mora.models import build_model, ensure_local
 from mora.paths import REPO_ROOT
 from mora.provenance import commit
 from mora.tasks import Task, build_task, recipe, task_tokenizer
-from mora.training.restarts import jagged_factor, schedule_factor
-from mora.training.schema import check, check_task
+from mora.training.restarts import Restarts, jagged_factor, restarts_of, schedule_factor
 
 CHECKPOINT_STATE = "state.json"  # written last: a checkpoint folder without it is incomplete
 # train settings added after runs were recorded, at the value that keeps the earlier behaviour: left out of the
@@ -59,7 +59,7 @@ def world_size() -> int:
 
 def validate(cfg: DictConfig, world: int = 1) -> None:
     """Every check that needs no model, before any work: the types and ranges of every value
-    (mora.training.schema.check, which also checks the run folder), then the rules across values. One clear
+    (mora.config.check, which also checks the run folder), then the rules across values. One clear
     ValueError per bad value."""
     check(cfg)
     if cfg.adapter.method not in METHODS:
@@ -380,6 +380,7 @@ class Prepared:
     steps: int
     model_cfg: dict[str, Any]
     adapted: Adapted
+    restarts: Restarts | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
 
@@ -397,11 +398,11 @@ def prepare(cfg: DictConfig, accelerator: Accelerator) -> Prepared:
         model_cfg["config"]["vocab_size"] = len(tokenizer)
     model = build_model(model_cfg, seed=cfg.seed)
     adapted = build_adapter(model, cfg.adapter, seed=cfg.seed)
-    restarts = adapted.restarts
+    restarts = restarts_of(cfg.adapter)
     optimizer = adapted.optimizer(lr=t.lr, weight_decay=t.weight_decay)
     factor = lr_factor(cfg, steps, restarts.every if restarts else None, restarts.warmup if restarts else 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    return Prepared(tokenizer, task, steps, model_cfg, adapted, optimizer, scheduler)
+    return Prepared(tokenizer, task, steps, model_cfg, adapted, restarts, optimizer, scheduler)
 
 
 def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -416,7 +417,7 @@ def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog, built: Prepared) -> dict[str, Any]:
     t = cfg.train
     tokenizer, task, steps, model_cfg = built.tokenizer, built.task, built.steps, built.model_cfg
-    adapted, restarts, scheduler = built.adapted, built.adapted.restarts, built.scheduler
+    adapted, restarts, scheduler = built.adapted, built.restarts, built.scheduler
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     model, optimizer = accelerator.prepare(adapted.model, built.optimizer)
     accelerator.register_for_checkpointing(scheduler)

@@ -6,7 +6,8 @@ from peft.tuners.lora import LoraLayer
 
 from mora.adapters.build import METHODS, build_adapter
 from mora.adapters.peft_tuner import MoraLayer
-from mora.training.restarts import REGROUP_CYCLES, Restarts, jagged_factor, next_grouping, schedule_factor
+from mora.adapters.restart import REGROUP_CYCLES, next_grouping
+from mora.training.restarts import Restarts, jagged_factor, restarts_of, schedule_factor
 from tests.conftest import LLAMA_TARGETS
 
 TOKENS = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -32,7 +33,7 @@ def test_every_method_builds_and_trains_one_step(tiny_llama, method):
     optimizer.step()
     changed = [n for n, p in adapted.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert changed
-    assert (adapted.restarts is not None) == (method in ("relora", "remora"))
+    assert (restarts_of(_cfg(method)) is not None) == (method in ("relora", "remora"))
     # DeepSpeed drops an empty parameter group, after which the LR scheduler (built over the groups) fails at its
     # first step: LoRA+ under ZeRO-2 did, in the rehearsal of Table 1's paper profile
     assert all(group["params"] for group in optimizer.param_groups)
@@ -74,14 +75,24 @@ def test_asylora_rows_are_orthonormal_and_B_is_zero(tiny_llama):
         (_cfg("lora", target_modules=[]), "target_modules is empty"),
         (_cfg("remora", compression="rope"), "compression='rope' has no regrouping"),
         (_cfg("remora", regroup="random"), "unknown ReMoRA regroup schedule"),
-        (_cfg("relora", restart={"every": 0}), "restart interval must be a positive"),
-        (_cfg("relora", restart={"every": 5, "optimizer_reset": "some"}), "unknown optimizer_reset"),
         (_cfg("loraplus", loraplus_ratio=-1), "loraplus_ratio must be positive"),
     ],
 )
 def test_bad_adapter_configs(tiny_llama, cfg, match):
     with pytest.raises(ValueError, match=match):
         build_adapter(tiny_llama(), cfg)
+
+
+@pytest.mark.parametrize(
+    "cfg,match",
+    [
+        (_cfg("relora", restart={"every": 0}), "restart interval must be a positive"),
+        (_cfg("relora", restart={"every": 5, "optimizer_reset": "some"}), "unknown optimizer_reset"),
+    ],
+)
+def test_bad_restart_configs(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        restarts_of(cfg)
 
 
 def _train_steps(adapted, optimizer, steps):
@@ -96,14 +107,15 @@ def _train_steps(adapted, optimizer, steps):
 @pytest.mark.parametrize("method,regroup", [("relora", None), ("remora", "paper"), ("remora", "code")])
 def test_restart_keeps_outputs_and_resets(tiny_llama, method, regroup):
     extra = {"regroup": regroup} if regroup else {}
-    adapted = build_adapter(tiny_llama(), _cfg(method, **extra), seed=0)
+    cfg = _cfg(method, **extra)
+    adapted, restarts = build_adapter(tiny_llama(), cfg, seed=0), restarts_of(cfg)
     optimizer = adapted.optimizer(lr=1e-2)
     _train_steps(adapted, optimizer, 3)
     with torch.no_grad():
         before = adapted.model(TOKENS).logits
     base_before = {n: p.detach().clone() for n, p in adapted.model.named_parameters() if "base_layer" in n}
     assert len(optimizer.state) > 0
-    layers = adapted.restarts.restart(adapted.model, optimizer)
+    layers = restarts.restart(adapted.model, optimizer)
     assert layers == 14
     with torch.no_grad():
         after = adapted.model(TOKENS).logits
@@ -122,22 +134,20 @@ def test_restart_keeps_outputs_and_resets(tiny_llama, method, regroup):
         _train_steps(adapted, optimizer, 2)
         with torch.no_grad():
             again = adapted.model(TOKENS).logits
-        adapted.restarts.restart(adapted.model, optimizer)
+        restarts.restart(adapted.model, optimizer)
         with torch.no_grad():
             assert torch.allclose(adapted.model(TOKENS).logits, again, atol=1e-5)
         assert layer.mora_compression["default"] == REGROUP_CYCLES[regroup][2 % len(REGROUP_CYCLES[regroup])]
 
 
 def test_adapter_only_optimizer_reset_keeps_other_state(tiny_llama):
-    adapted = build_adapter(
-        tiny_llama(),
-        _cfg("remora", modules_to_save=["lm_head"], restart={"every": 3, "optimizer_reset": "adapter"}),
-    )
+    cfg = _cfg("remora", modules_to_save=["lm_head"], restart={"every": 3, "optimizer_reset": "adapter"})
+    adapted = build_adapter(tiny_llama(), cfg)
     optimizer = adapted.optimizer(lr=1e-2)
     _train_steps(adapted, optimizer, 2)
     head = [p for n, p in adapted.model.named_parameters() if "lm_head" in n and p.requires_grad]
     M = [p for n, p in adapted.model.named_parameters() if "mora_M" in n]
-    adapted.restarts.restart(adapted.model, optimizer)
+    restarts_of(cfg).restart(adapted.model, optimizer)
     assert all(p in optimizer.state for p in head) and not any(p in optimizer.state for p in M)
 
 
@@ -179,7 +189,7 @@ def _restart_in_process(rank: int, init_file: str, results: str) -> None:
     try:
         adapted = build_adapter(small_llama(0), _cfg("relora"), seed=0)  # the same weights in both processes
         torch.manual_seed(100 + rank)  # the RNG where each process's dropout left it: unequal
-        adapted.restarts.restart(adapted.model, adapted.optimizer(lr=1e-2))
+        restarts_of(_cfg("relora")).restart(adapted.model, adapted.optimizer(lr=1e-2))
         lora_a = torch.cat([p.detach().flatten() for n, p in adapted.model.named_parameters() if "lora_A" in n])
         gathered = [torch.empty_like(lora_a) for _ in range(2)]
         torch.distributed.all_gather(gathered, lora_a)

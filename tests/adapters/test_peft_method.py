@@ -13,7 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import mora
 from mora.adapters.mora import COMPRESSIONS, delta
-from mora.adapters.peft_tuner import MoraLayer, MoraLinear, registry
+from mora.adapters.peft_tuner import MoraLayer, MoraLinear, peft_type, registry
 from tests.conftest import LLAMA_TARGETS, small_llama
 
 TOKENS = torch.randint(0, 50, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -55,9 +55,9 @@ def test_registration_refuses_a_foreign_mora_and_old_peft():
     with pytest.raises(ImportError, match="already has a method named 'mora'"):
         registry.register(mora.MoraConfig, Other)
     with pytest.raises(ImportError, match="needs peft>="):
-        registry.check_peft_version("0.10.0")
+        peft_type.check_peft_version("0.10.0")
     with pytest.warns(UserWarning, match="tested with peft"):
-        registry.check_peft_version("9.0.0")
+        peft_type.check_peft_version("9.0.0")
 
 
 @pytest.mark.parametrize("compression", LLAMA_OPERATORS)

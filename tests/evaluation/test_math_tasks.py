@@ -9,7 +9,7 @@ from lm_eval.api.model import LM
 
 from mora.evaluation.benchmarks import GSM8K, MATH
 from mora.evaluation.harness import TASKS_DIR, run_lm_eval
-from mora.tasks.prompts import alpaca_prompt
+from mora.prompts import alpaca_prompt
 from tests.evaluation.common import fixture_rows, task_utils
 
 utils = task_utils("math")

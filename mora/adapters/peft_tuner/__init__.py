@@ -1,6 +1,6 @@
 """MoRA as a stock-PEFT method: importing this package registers it with PEFT."""
 
-from .registry import check_peft_version
+from .peft_type import check_peft_version
 
 check_peft_version()  # before the modules that import what older PEFTs lack
 

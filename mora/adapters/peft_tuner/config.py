@@ -10,7 +10,7 @@ from peft.config import PeftConfig
 
 from mora.adapters.mora import COMPRESSIONS, ROUNDINGS, check_compression
 
-from .registry import mora_peft_type
+from .peft_type import mora_peft_type
 
 R_HAT_RULES = {
     "official": "r_hat = int(sqrt((d_in + d_out) * r) + 0.5)",

@@ -1,6 +1,6 @@
 """GSM8K and MATH for a model fine-tuned on MetaMathQA with the Alpaca template (PAPER.md §2.4, §4).
 
-Prompt: `mora.tasks.prompts.alpaca_prompt(question)`, the template the model was trained with, 0-shot.
+Prompt: `mora.prompts.alpaca_prompt(question)`, the template the model was trained with, 0-shot.
 
 Answer extraction follows MetaMath's own evaluation (github meta-math/MetaMath, eval_gsm8k.py / eval_math.py),
 because MetaMathQA responses end with "The answer is: X":
@@ -28,7 +28,7 @@ import re
 import threading
 from fractions import Fraction
 
-from mora.tasks.prompts import alpaca_prompt
+from mora.prompts import alpaca_prompt
 
 ANSWER_MARKER = "The answer is: "
 
