@@ -18,7 +18,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from mora.adapters.peft_tuner import MoraConfig
-from mora.adapters.restart import next_grouping
+from mora.adapters.restart import next_grouping, regroup_of
 
 METHODS: tuple[str, ...] = ("fft", "lora", "loraplus", "dora", "asylora", "relora", "mora", "remora")
 LORA_FAMILY = ("lora", "loraplus", "dora", "asylora", "relora")
@@ -135,7 +135,7 @@ def build_adapter(model: nn.Module, cfg: Mapping[str, Any], seed: int | None = N
 
     if method in MORA_FAMILY:
         compression = str(_get(cfg, "compression", "rope"))
-        regroup = str(_get(cfg, "regroup", "paper")) if method == "remora" else None
+        regroup = regroup_of(cfg)
         if regroup is not None:
             next_grouping(compression, regroup)  # fail now if this operator cannot regroup
         config = MoraConfig(

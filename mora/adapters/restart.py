@@ -8,6 +8,9 @@ ReMoRA switches the sharing groups at each restart: the paper toggles two kinds 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -18,6 +21,16 @@ REGROUP_CYCLES: dict[str, tuple[str, ...]] = {
     "paper": ("sharing", "sharing_chunked"),
     "code": ("sharing", "sharing_chunked", "sharing_chunked_in", "sharing_chunked_out"),
 }
+
+DEFAULT_REGROUP = "paper"
+
+
+def regroup_of(adapter: Mapping[str, Any]) -> str | None:
+    """The regrouping cycle of an adapter config: ReMoRA's `regroup` (the paper's by default), none otherwise."""
+    if adapter.get("method") != "remora":
+        return None
+    regroup = adapter.get("regroup")
+    return DEFAULT_REGROUP if regroup is None else str(regroup)
 
 
 def next_grouping(compression: str, regroup: str) -> str:

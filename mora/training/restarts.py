@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mora.adapters.restart import REGROUP_CYCLES, restart_adapters
+from mora.adapters.restart import REGROUP_CYCLES, regroup_of, restart_adapters
 
 OPTIMIZER_RESETS = ("full", "adapter")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -93,10 +93,9 @@ def restarts_of(adapter: Mapping[str, Any]) -> Restarts | None:
         value = restart.get(key)
         return default if value is None else value
 
-    regroup = adapter.get("regroup")
     return Restarts(
         every=int(get("every", 2000)),
         warmup=int(get("warmup", 50)),
         optimizer_reset=str(get("optimizer_reset", "full")),
-        regroup=(str(regroup) if regroup is not None else "paper") if method == "remora" else None,
+        regroup=regroup_of(adapter),
     )
