@@ -33,7 +33,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-fast lint reproduce-table1 reproduce-table2 reproduce-table2-regime reproduce-table3 reproduce-table4 rehearse smoke prefetch bench inspect wheelhouse gpu-check clean
+.PHONY: help install test test-fast lint reproduce-table1 reproduce-table2 reproduce-table2-regime reproduce-table3 reproduce-table4 reproduce-methods budgets rehearse smoke prefetch bench inspect wheelhouse gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-20s %s\n", $$1, $$2}'
@@ -75,6 +75,12 @@ reproduce-table3: $(STAMP) ## Table 3, Figs. 4-5 (C4 pretraining from scratch): 
 
 reproduce-table4: $(STAMP) ## Table 4 (MoRA's operators at two ranks): PROFILE=tiny|paper, SEEDS="0 1 2" (paper: 42) -> results/table4/
 	$(PY) experiments/reproduce.py table4 $(REPRODUCE_ARGS) --seeds $(TABLE_SEEDS)
+
+reproduce-methods: $(STAMP) ## MoRA against the methods PEFT ships, Table 2's UUID setup: PROFILE=tiny|paper, SEEDS="0 1 2" (paper: 42) -> results/methods/
+	$(PY) experiments/reproduce.py methods $(REPRODUCE_ARGS) --seeds $(TABLE_SEEDS)
+
+budgets: $(STAMP) ## the methods' budget table: trainable parameters and saved size of every cell beside LoRA's -> results/methods/budgets.md
+	$(PY) experiments/budgets.py
 
 rehearse: $(STAMP) ## every run of the GPU profiles at toy sizes, through their own launchers (PROFILE=paper|gpu, TABLES=, CELLS=, QUICK=1) -> runs/rehearsal/
 	$(PY) experiments/rehearse.py $(if $(filter paper gpu,$(PROFILE)),--profiles $(PROFILE)) \

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -98,35 +97,6 @@ def run_case(script: str, *args: str) -> dict[str, Any] | None:
     row = json.loads(result.stdout.strip().splitlines()[-1])
     print(f"done {' '.join(args)}", flush=True)
     return row
-
-
-_STATUS = Path("/proc/self/status")  # Linux: VmRSS, VmHWM
-
-
-def reset_peak_rss() -> int:
-    """Start a peak-memory measurement: the current RSS in bytes, with the peak mark reset to it.
-
-    Linux: writing 5 to /proc/self/clear_refs resets VmHWM. `ru_maxrss` cannot be reset, and a child started from a
-    big parent begins with the parent's (exec keeps the larger mark), which hid every case's peak once the bench's
-    own process had grown. Elsewhere: `ru_maxrss`, run each case in a fresh process from a small parent."""
-    if _STATUS.exists():
-        Path("/proc/self/clear_refs").write_text("5")
-        return _status_kib("VmRSS") * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def peak_rss() -> int:
-    """Peak RSS in bytes since `reset_peak_rss` (Linux), or of the process (elsewhere)."""
-    if _STATUS.exists():
-        return _status_kib("VmHWM") * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _status_kib(field: str) -> int:
-    for line in _STATUS.read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{_STATUS} has no {field}")
 
 
 def machine() -> dict[str, Any]:

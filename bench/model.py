@@ -21,9 +21,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import interleaved_times, peak_rss, reset_peak_rss, run_case, write  # noqa: E402
+from bench.common import interleaved_times, run_case, write  # noqa: E402
 from mora.adapters.build import build_adapter  # noqa: E402
 from mora.adapters.mora import COMPRESSIONS  # noqa: E402
+from mora.training.memory import peak_rss, reset_peak_rss  # noqa: E402
 
 MODELS = {
     "tiny": (

@@ -53,7 +53,7 @@ PROFILES = ("tiny", "gpu", "paper")
 IN_PROCESS = "in-process"
 DEFAULT_LAUNCHER = {"tiny": IN_PROCESS, "gpu": "local", "paper": "deepspeed_zero2"}  # gpu: one GPU, a process a run
 LAUNCHERS = (IN_PROCESS, "local", "ddp", "deepspeed_zero2", "deepspeed_zero3")
-CELL_KEYS = ("r", "alpha", "compression", "loraplus_ratio")
+CELL_KEYS = ("r", "alpha", "compression", "loraplus_ratio", "rank_pattern", "args")
 # --submit: each run a job through submitit, on SLURM (sbatch) or, to test the same jobs, on this machine
 SUBMITTERS = ("slurm", "local")
 SLURM_CONFIG = CONFIG_DIR / "cluster" / "slurm.yaml"
@@ -109,6 +109,14 @@ def _value(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def cell_overrides(key: str, value: Any) -> list[str]:
+    """Hydra overrides that set `key` to a cell's value; a mapping leaf by leaf, added where the adapter config has
+    no such key (`++`: a method's `args`, DoRA's rank_pattern)."""
+    if isinstance(value, dict):
+        return [o for k, v in value.items() for o in cell_overrides(f"{key}.{k}", v)]
+    return [f"++{key}={_value(value)}" if key.count(".") > 1 else f"{key}={_value(value)}"]
+
+
 def search_points(cell: dict[str, Any]) -> list[dict[str, Any]]:
     """Every combination of the cell's `search` settings ({} when it has none)."""
     search = cell.get("search") or {}
@@ -158,7 +166,7 @@ def runs(
                 name = f"{cell['name']}-lr{lr:g}{tag}-s{seed}"
                 folder = root / task / name if nested else root / name
                 overrides = [*common, f"task={task}", f"adapter={cell['adapter']}", f"train.lr={lr}", f"seed={seed}"]
-                overrides += [f"adapter.{k}={_value(cell[k])}" for k in CELL_KEYS if k in cell]
+                overrides += [o for k in CELL_KEYS if k in cell for o in cell_overrides(f"adapter.{k}", cell[k])]
                 overrides += [f"{k}={_value(v)}" for k, v in (cell.get("overrides") or {}).items()]
                 overrides += [f"{k}={_value(v)}" for k, v in point.items()]
                 if base is not None:

@@ -64,6 +64,7 @@ class Train(Section):
     checkpoint_every: int = setting("a number of steps >= 0 (0: no checkpoints)", ge=0)
     mixed_precision: Literal["bf16"] | None = setting(default=None, hint="null or bf16")
     spectrum: StrictBool = setting("true or false")
+    merge_check: StrictBool = setting("true or false", default=False)
     progress: StrictBool = setting("true or false")
 
 

@@ -1,5 +1,6 @@
-"""Smoke run: every adapter method on every task of the engine for a few steps on the tiny profile, then a check
-that each run folder is complete (config.yaml, env.json, metrics.jsonl, adapter/, summary.json finished).
+"""Smoke run: every adapter method of the paper on every task of the engine for a few steps on the tiny profile, then
+a check that each run folder is complete (config.yaml, env.json, metrics.jsonl, adapter/, summary.json finished). The
+other methods PEFT ships (configs/adapter with method peft): tests/test_peft_methods.py.
 
     python scripts/smoke.py [--steps 4]
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from mora.adapters.build import METHODS
+from mora.adapters.build import PAPER_METHODS
 from mora.paths import CONFIG_DIR
 from mora.training.run import run
 
@@ -65,7 +66,7 @@ def main() -> int:
     failed = 0
     with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         for task in TASKS:
-            for method in METHODS:
+            for method in PAPER_METHODS:
                 folder = Path(tmp) / f"{task}-{method}"
                 run(compose(config_name="train", overrides=smoke_overrides(method, task, args.steps, folder)))
                 problems = check_run_folder(folder)

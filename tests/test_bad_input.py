@@ -68,6 +68,10 @@ CASES = [
     ("mora.inspect", ["model.dtype=fp8"], "'fp8'"),
     ("mora.inspect", ["model=nope"], "model/nope"),
     ("mora.inspect", ["adapter.nokey=3"], "adapter.nokey"),
+    # a method PEFT ships, by config: a class that is none, an argument it lacks, a knob that does not fit the model
+    ("mora.inspect", ["adapter=hira", "adapter.config_class=HyraConfig"], "adapter.config_class 'HyraConfig'"),
+    ("mora.train", ["adapter=hira", "+adapter.args.rank=2"], "adapter.args.rank is not an argument of HiraConfig"),
+    ("mora.train", ["adapter=c3a"], "do not fit LlamaForCausalLM (C3AConfig: The block size should be a factor"),
 ]
 
 

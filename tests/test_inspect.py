@@ -3,7 +3,7 @@
 import pytest
 from hydra import compose, initialize_config_dir
 
-from mora.inspect import layer_rows, render, summarise
+from mora.inspect import layer_rows, render, render_budget, summarise
 from mora.paths import CONFIG_DIR
 
 
@@ -50,3 +50,13 @@ def test_cli_runs(capsys):
         sys.argv = argv
     out = capsys.readouterr().out
     assert "tiny_llama" in out and "total" in out
+
+
+def test_any_other_method_beside_lora_at_its_budget():
+    cfg = _compose("model=llama2_7b", "adapter=miss", "adapter.r=256", "adapter.args.r=470")
+    table = render_budget(cfg)
+    assert table.row_count == 2 and "at LoRA's budget r=256" in str(table.title)
+    cells = [list(column.cells) for column in table.columns]
+    assert cells[0] == ["miss", "lora"] and cells[2] == ["639,139,840", "639,631,360"] and cells[3][0] == "0.999"
+    with pytest.raises(ValueError, match="adapter=fft has no r"):
+        render_budget(_compose("adapter=fft"))

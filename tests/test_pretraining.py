@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from transformers.modeling_outputs import CausalLMOutput
 
 from experiments.reproduce import main, runs
-from mora.adapters.build import METHODS, build_adapter
+from mora.adapters.build import PAPER_METHODS, build_adapter
 from mora.evaluation.perplexity import perplexity
 from mora.evaluation.spectrum import adapted_layers, delta_weights, initial_weights, spectrum
 from mora.models import MissingAssetError, build_model
@@ -383,7 +383,7 @@ def test_a_reduced_tiny_table4_runs_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PAPER_METHODS)
 def test_every_method_pretrains_on_the_c4_recipe(tmp_path, method):
     folder = tmp_path / method
     # a learning rate at which two steps move the perplexity well past the reload check's tolerance

@@ -8,7 +8,7 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from mora.adapters.build import METHODS
+from mora.adapters.build import PAPER_METHODS
 from mora.models import MissingAssetError
 from mora.paths import CONFIG_DIR, REPO_ROOT
 from mora.reporting.table2 import CSV_COLUMNS, line_style, write_results
@@ -23,7 +23,7 @@ def _compose(*overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PAPER_METHODS)
 def test_smoke_run_writes_a_complete_run_folder(tmp_path, method):
     summary = run(_compose(*smoke_overrides(method, "uuid", 4, tmp_path / method)))
     assert check_run_folder(tmp_path / method) == []

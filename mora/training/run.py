@@ -21,7 +21,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -37,14 +36,16 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from mora.adapters.build import METHODS, Adapted, build_adapter
+from mora.adapters.build import METHODS, Adapted, build_adapter, method_name
 from mora.adapters.peft_tuner import MoraLayer
 from mora.config import check, check_task
+from mora.evaluation.merge import merge_check
 from mora.evaluation.spectrum import adapted_layers, initial_weights, iter_delta_weights, spectrum
 from mora.models import build_model, ensure_local
 from mora.paths import REPO_ROOT
 from mora.provenance import commit
 from mora.tasks import Task, build_task, recipe, task_tokenizer
+from mora.training.memory import peak_memory_mb, reset_peak_memory
 from mora.training.restarts import Restarts, jagged_factor, restarts_of, schedule_factor
 
 CHECKPOINT_STATE = "state.json"  # written last: a checkpoint folder without it is incomplete
@@ -100,8 +101,9 @@ def validate(cfg: DictConfig, world: int = 1) -> None:
             f"adapter={cfg.adapter.method} restarts reset M / optimizer state, which DeepSpeed keeps in its own "
             "partitions; run it with launcher=ddp or local"
         )
-    if t.get("spectrum") and deepspeed and "zero3" in str(cfg.launcher.name):
-        raise ValueError("train.spectrum reads every weight on process 0, which ZeRO-3 partitions; use ZeRO-2 or DDP")
+    for key in ("spectrum", "merge_check"):
+        if t.get(key) and deepspeed and "zero3" in str(cfg.launcher.name):
+            raise ValueError(f"train.{key} reads every weight on process 0, which ZeRO-3 partitions; use ZeRO-2 or DDP")
     if wandb_mode(cfg) != "disabled" and importlib.util.find_spec("wandb") is None:  # a GPU node's own environment
         raise ValueError(
             f"wandb.mode={wandb_mode(cfg)} but wandb is not installed; pip install wandb, or set wandb.mode=disabled "
@@ -157,7 +159,7 @@ def run_dir(cfg: DictConfig, accelerator: Accelerator) -> Path:
     else:
         a = cfg.adapter
         rank = f"-r{a.r}" if a.method != "fft" else ""
-        name = f"{a.method}{rank}-s{cfg.seed}-{config_hash(cfg)}"
+        name = f"{method_name(a)}{rank}-s{cfg.seed}-{config_hash(cfg)}"
         path = REPO_ROOT / cfg.run.root / str(cfg.run.experiment) / name
     chosen = [str(path)]
     if accelerator.num_processes > 1:
@@ -301,6 +303,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     world = world_size()
     validate(cfg, world)
     accelerator = make_accelerator(cfg.train.global_batch // (cfg.train.micro_batch * world))
+    reset_peak_memory(accelerator.device)  # this run's peak, also in a process that ran others before
     out = run_dir(cfg, accelerator)
     built = prepare(cfg, accelerator)  # every error found while building comes before anything is written
     main = accelerator.is_main_process
@@ -309,7 +312,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (out / "env.json").write_text(json.dumps(environment(accelerator), indent=2))
     accelerator.wait_for_everyone()
-    summary: dict[str, Any] = {"status": "running", "method": cfg.adapter.method, "seed": cfg.seed}
+    summary: dict[str, Any] = {"status": "running", "method": method_name(cfg.adapter), "seed": cfg.seed}
     started = time.time()
     # from the process's start: imports, config, device, model and data (one process per run on GPUs pays it)
     summary["startup_s"] = round(started - psutil.Process().create_time(), 2)
@@ -322,7 +325,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise
     finally:
         summary["wall_s"] = round(time.time() - started, 2)
-        summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        summary.update(peak_memory_mb(accelerator.device))
         if main:
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if wandb_run is not None:
@@ -447,6 +450,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
     loss_value = math.nan
     bar = tqdm(total=steps, initial=start, disable=not accelerator.is_main_process or not t.progress, desc=out.name)
     clock, clock_tokens = time.time(), tokens_seen
+    loop_started, eval_s = clock, 0.0
     for step in range(start, steps):
         examples = next(batches)
         full = task.collate(examples)
@@ -491,6 +495,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:.0f}")
         bar.update(1)
         if done in eval_steps:
+            evaluating = time.time()
             metrics = [task.evaluate(accelerator.unwrap_model(model), t.eval_batch)]
             if world > 1:  # every process evaluated; lm-eval reports on LOCAL_RANK 0 only: process 0's result counts
                 broadcast_object_list(metrics, from_process=0)
@@ -500,9 +505,11 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
             history.append(record)
             log.write(record)
             evaluation = {"step": done, "scores": metrics, **({"details": details} if details else {})}
+            eval_s += time.time() - evaluating
         if t.checkpoint_every and done % t.checkpoint_every == 0 and done < steps:
             save_checkpoint(accelerator, model, out, done, {"tokens": tokens_seen})
     bar.close()
+    train_s = time.time() - loop_started - eval_s  # this process's steps (and checkpoints), evaluations apart
     accelerator.wait_for_everyone()
     spectrum_means = None
     # DoRA's weight is not base + delta (a magnitude rescales it): its spectrum is not computed
@@ -510,6 +517,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
         spectrum_means = write_spectrum(model_cfg, cfg.seed, accelerator.unwrap_model(model), out)
     trainable = adapted.trainable_parameters()  # before a ReLoRA / ReMoRA model is merged to be saved
     state_dict = accelerator.get_state_dict(model)  # every rank: ZeRO-3 gathers its partitioned parameters here
+    saved, merged = None, {}  # process 0's
     if accelerator.is_main_process:
         trained = accelerator.unwrap_model(model)
         if restarts:  # the base weights hold every earlier segment: the adapter alone is not the trained model
@@ -517,6 +525,9 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
         else:
             trained.save_pretrained(out / "adapter", state_dict=state_dict)
         tokenizer.save_pretrained(out / "adapter")  # an FFT or ReLoRA run's folder is then a loadable model
+        saved = sum(f.stat().st_size for f in (out / "adapter").iterdir() if f.suffix in (".safetensors", ".bin"))
+        if t.get("merge_check") and adapted.method != "fft" and not restarts:
+            merged = merge_check(trained, int(trained.get_base_model().config.vocab_size))
     return {
         "task": cfg.task.name,
         "model": cfg.model.name,
@@ -535,6 +546,10 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
         "final_train_loss": loss_value,
         "tokens": tokens_seen,
         "tokens_per_s": round((tokens_seen - clock_tokens) / max(time.time() - clock, 1e-9), 1),
+        "train_s": round(train_s, 2),
+        "eval_s": round(eval_s, 2),
+        "adapter_file_bytes": saved,
+        **merged,
         "evals": history,
         "evaluation": evaluation,
         **({"spectrum": spectrum_means} if spectrum_means else {}),

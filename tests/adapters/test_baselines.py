@@ -17,6 +17,9 @@ def _cfg(method, **extra):
     cfg = {"method": method, "r": 2, "alpha": 4, "dropout": 0.0, "target_modules": LLAMA_TARGETS}
     if method in ("mora", "remora"):
         cfg.update(compression="sharing")
+    if method == "peft":  # any method PEFT ships, by its config class: HiRA here
+        cfg = {"method": "peft", "r": 2, "config_class": "HiraConfig", "args": {"r": 2}}
+        cfg["target_modules"] = LLAMA_TARGETS
     if method in ("relora", "remora"):
         cfg["restart"] = {"every": 3, "warmup": 2, "optimizer_reset": "full"}
     cfg.update(extra)
@@ -76,6 +79,21 @@ def test_asylora_rows_are_orthonormal_and_B_is_zero(tiny_llama):
         (_cfg("remora", compression="rope"), "compression='rope' has no regrouping"),
         (_cfg("remora", regroup="random"), "unknown ReMoRA regroup schedule"),
         (_cfg("loraplus", loraplus_ratio=-1), "loraplus_ratio must be positive"),
+        (_cfg("dora", rank_pattern={"qkv": 1}), "rank_pattern names 'qkv', which is not in adapter.target_modules"),
+        (_cfg("dora", rank_pattern={"up_proj": 0}), "rank_pattern.up_proj must be a positive integer rank"),
+        (_cfg("peft", config_class="HyraConfig"), "config_class 'HyraConfig' is not a PEFT config class .* HiraConfig"),
+        (_cfg("peft", config_class="PromptTuningConfig"), "config_class 'PromptTuningConfig' is not a PEFT config"),
+        (
+            _cfg("peft", args={"rank": 2}),
+            "adapter.args.rank is not an argument of HiraConfig; give one of exclude_modules, fan_in_fan_out, hira_",
+        ),
+        (
+            _cfg("peft", args={"target_modules": ["q_proj"]}),
+            "adapter.args.target_modules is the adapter.s own key: give adapter.target_modules",
+        ),
+        (_cfg("peft", dropout=0.1), "adapter.dropout 0.1 is not read by method peft; .* hira_dropout"),
+        (_cfg("peft", config_class="C3AConfig", args={"block_size": 1024}), r"do not fit LlamaForCausalLM \(C3AConfig"),
+        (_cfg("peft", config_class="LoraConfig", args={"r": 2, "layers_pattern": "layers"}), "LoraConfig refuses them"),
     ],
 )
 def test_bad_adapter_configs(tiny_llama, cfg, match):

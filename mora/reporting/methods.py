@@ -1,0 +1,189 @@
+"""The methods comparison from run folders (configs/experiment/methods.yaml): methods.md (best learning rate per
+method and budget, mean ± std over seeds), methods.csv (every run, every evaluated step) and methods.png (accuracy
+against trainable parameters and against training time: the Pareto view).
+
+Every figure is read from a finished run's summary.json: accuracy and exact match at each evaluation (UUID), the
+trainable parameters, the adapter's files on disk, the training time without evaluations, tokens/s, the run's peak
+memory (RSS; CUDA's allocated memory on a GPU), and the merge check (train.merge_check: merge_adapter's time,
+whether merged logits equal unmerged ones). Nothing is typed by hand.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import statistics
+from pathlib import Path
+from typing import Any
+
+from mora.reporting.common import best_points, gather, keep_records, kept, lr_cell, mean_std
+
+NAMES = {
+    "fft": "FFT", "lora": "LoRA", "dora": "DoRA", "mora": "MoRA", "hira": "HiRA", "miss": "MiSS",
+    "randlora": "RandLoRA", "c3a": "C3A", "shira": "SHiRA", "gralora": "GraLoRA", "lokr": "LoKr",
+}  # fmt: skip
+BUDGETS = ("r8", "r256")  # the paper's two LoRA budgets, the suffix of a cell's name
+CSV_COLUMNS = (
+    "cell", "method", "budget_r", "lr", "seed", "step", "char_acc", "exact", "trainable_params",
+    "adapter_file_bytes", "train_s", "tokens_per_s", "peak_rss_mb", "peak_cuda_mb", "merge_s", "merge_equal",
+)  # fmt: skip
+
+
+def label(summary: dict[str, Any]) -> str:
+    """The method's name, with MoRA's operator."""
+    name = NAMES.get(summary["method"], summary["method"])
+    return f"{name} ({summary['compression']})" if summary["method"] == "mora" else name
+
+
+def budget(cell: str) -> str:
+    """The paper's budget a cell belongs to (r8, r256), or "" (FFT)."""
+    return next((b for b in BUDGETS if f"-{b}" in cell), "")
+
+
+def evals(run: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e for e in run["summary"]["evals"] if "eval/char_acc" in e]
+
+
+def mean_acc(run: dict[str, Any]) -> float:
+    """A run's score for choosing its learning rate: its mean accuracy over the evaluated steps (as Table 2)."""
+    return statistics.mean(e["eval/char_acc"] for e in evals(run))
+
+
+def final(run: dict[str, Any], key: str) -> float:
+    return float(evals(run)[-1][key])
+
+
+def _mean(group: list[dict[str, Any]], key: str, digits: int = 1, scale: float = 1.0) -> str:
+    values = [run["summary"][key] * scale for run in group if run["summary"].get(key) is not None]
+    return f"{statistics.mean(values):,.{digits}f}" if values else "–"
+
+
+def _merge(group: list[dict[str, Any]]) -> str:
+    checks = [run["summary"]["merge_equal"] for run in group if "merge_equal" in run["summary"]]
+    if not checks:
+        return "–"
+    return "yes" if all(checks) else f"no ({checks.count(False)} of {len(checks)})"
+
+
+def row(cell: dict[str, Any], group: list[dict[str, Any]]) -> list[str]:
+    """A cell's columns of methods.md: its best learning rate's runs, over seeds."""
+    s = group[0]["summary"]
+    peak = "peak_cuda_mb" if "peak_cuda_mb" in s else "peak_rss_mb"
+    return [
+        label(s),
+        cell["name"],
+        str(s["rank"] or "-"),
+        mean_std([final(run, "eval/char_acc") for run in group]),
+        mean_std([final(run, "eval/exact") for run in group]),
+        lr_cell(s["lr"], cell["lrs"]),
+        str(len(group)),
+        f"{s['trainable_params']:,}",
+        _mean(group, "adapter_file_bytes", scale=1 / 1024),
+        _mean(group, "train_s"),
+        _mean(group, "tokens_per_s", 0),
+        _mean(group, peak, 0),
+        _mean(group, "merge_s", scale=1e3),
+        _merge(group),
+    ]
+
+
+HEADER = ("Method", "cell", "r", "accuracy", "exact", "LR", "seeds", "trainable", "file KB", "train s", "tokens/s",
+          "peak MB", "merge ms", "merged = unmerged")  # fmt: skip
+
+
+def write_markdown(path: Path, chosen: dict[str, list[dict[str, Any]]], cells: list[dict], profile: str) -> None:
+    lines = [
+        f"# MoRA and the high-rank methods PEFT ships: UUID memorization — profile `{profile}`",
+        "",
+        "Table 2's setup (the same pairs, steps and base model). Per cell, the learning rate of its grid with the best",
+        "mean accuracy over the evaluated steps (↑ / ↓: at the top / bottom of its grid), mean ± std over seeds;",
+        "cells -r8 / -r256 match LoRA's trainable parameters at the paper's two budgets (results/methods/budgets.md).",
+        "Accuracy: character-level (%) at the last evaluation; exact: pairs recalled whole (%). Train s: the training",
+        "loop without evaluations. Peak MB: the run's peak RSS (CUDA: allocated). Merge: PEFT's merge_adapter, and",
+        "whether the merged model's logits equal the unmerged one's. Built by `mora.reporting.methods`.",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "|---" * len(HEADER) + "|",
+    ]
+    for cell in cells:
+        group = chosen.get(cell["name"])
+        columns = row(cell, group) if group else [cell["name"], cell["name"]] + ["–"] * (len(HEADER) - 2)
+        lines.append("| " + " | ".join(columns) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_csv(path: Path, runs: list[dict[str, Any]], cells: list[dict[str, Any]]) -> None:
+    """Every run of every cell (each learning rate and seed), one line per evaluated step."""
+    names = sorted((c["name"] for c in cells), key=len, reverse=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for run in runs:
+            cell = next((n for n in names if run["dir"].name.startswith(n + "-lr")), None)
+            if cell is None:
+                continue
+            s = run["summary"]
+            for e in evals(run):
+                writer.writerow(
+                    [cell, label(s), s["rank"] if s["rank"] is not None else "-", s["lr"], s["seed"], e["step"],
+                     round(e["eval/char_acc"], 2), round(e["eval/exact"], 2)]
+                    + [s.get(k, "") for k in CSV_COLUMNS[8:]]
+                )  # fmt: skip
+
+
+def plot(path: Path, chosen: dict[str, list[dict[str, Any]]], profile: str) -> None:
+    """Final accuracy (mean ± std over seeds, best LR) against trainable parameters and against training time, one
+    marker per method, filled at the high budget: the methods up and to the left do more with less."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    methods = sorted({label(group[0]["summary"]) for group in chosen.values()})
+    markers = dict(zip(methods, "osD^v<>phX*P8H", strict=False))
+    colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    for cell, group in chosen.items():
+        s = group[0]["summary"]
+        accs = [final(run, "eval/char_acc") for run in group]
+        mean, spread = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
+        name = label(s)
+        for ax, x in (
+            (axes[0], s["trainable_params"]),
+            (axes[1], statistics.mean(r["summary"]["train_s"] for r in group)),
+        ):
+            ax.errorbar(
+                x, mean, yerr=spread, marker=markers[name], color=colours[name],
+                markerfacecolor=colours[name] if budget(cell) != "r8" else "white", linestyle="none",
+                label=f"{name} {budget(cell)}".strip(),
+            )  # fmt: skip
+    axes[0].set(xscale="log", xlabel="trainable parameters", ylabel="character accuracy (%), last evaluation")
+    axes[1].set(xlabel="training time (s, without evaluations)", ylabel="character accuracy (%)")
+    axes[0].set_title(f"accuracy per parameter ({profile}); open: the low budget (r8)")
+    axes[1].set_title("accuracy per second")
+    axes[1].legend(fontsize=7, ncol=2, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(
+    root: Path, out: Path, profile: str, cells: list[dict[str, Any]], tasks: list[str] | None = None
+) -> list[Path]:
+    """Collect the runs under root with the records kept under out/runs/<profile>, write methods.md, methods.csv
+    and methods.png (where matplotlib is installed), and keep the new runs' records there."""
+    records = kept(out, profile, root)
+    runs = gather(root, records)
+    if not runs:
+        raise ValueError(f"no finished runs under {root}: run `make reproduce-methods PROFILE={profile}` first")
+    chosen = best_points([run for run in runs if evals(run)], cells, mean_acc)
+    out.mkdir(parents=True, exist_ok=True)
+    keep_records(runs, records)
+    suffix = "" if profile == "tiny" else f"_{profile}"
+    paths = [out / f"methods{suffix}.md", out / f"methods{suffix}.csv", out / f"methods{suffix}.png"]
+    write_markdown(paths[0], chosen, cells, profile)
+    write_csv(paths[1], runs, cells)
+    if importlib.util.find_spec("matplotlib") is None:
+        return paths[:2]
+    plot(paths[2], chosen, profile)
+    return paths
