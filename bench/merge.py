@@ -24,8 +24,6 @@ from bench.common import (  # noqa: E402
     LLAMA_SHAPES,
     RESULTS,
     interleaved_medians,
-    peak_rss,
-    reset_peak_rss,
     run_case,
     write,
 )
@@ -38,6 +36,7 @@ from mora.adapters.mora import (  # noqa: E402
     rope_tables,
     surviving_chunks,
 )
+from mora.training.memory import peak_rss, reset_peak_rss  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -51,7 +51,7 @@ from mora.training.restarts import Restarts, jagged_factor, restarts_of, schedul
 CHECKPOINT_STATE = "state.json"  # written last: a checkpoint folder without it is incomplete
 # train settings added after runs were recorded, at the value that keeps the earlier behaviour: left out of the
 # config hash, so that finished runs of earlier versions are still found
-NEUTRAL_TRAIN_SETTINGS = {"spectrum": False, "mixed_precision": None}
+NEUTRAL_TRAIN_SETTINGS = {"spectrum": False, "mixed_precision": None, "merge_check": False}
 
 
 def world_size() -> int:
