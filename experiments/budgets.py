@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +31,6 @@ from mora.inspect import footprint, lora_at  # noqa: E402
 TABLE = "methods"
 PROFILES = ("tiny", "paper")
 TOLERANCE = 0.10  # a cell's trainable parameters within 10% of LoRA's at its budget
-CSV_COLUMNS = (
-    "profile",
-    "model",
-    "cell",
-    "method",
-    "budget_r",
-    "knob",
-    "trainable",
-    "lora_trainable",
-    "ratio",
-    "saved_bytes",
-    "lora_saved_bytes",
-    "counted_on",
-)
 
 
 @dataclass(frozen=True)
@@ -61,6 +47,9 @@ class Row:
     saved_bytes: int
     lora_saved_bytes: int
     counted_on: str
+
+
+CSV_COLUMNS = tuple(f.name for f in fields(Row))
 
 
 def knob(adapter: dict[str, Any]) -> str:

@@ -20,6 +20,11 @@ from typing import Any
 import yaml
 
 RECORDS = ("config.yaml", "env.json", "summary.json", "metrics.jsonl")
+# a method's name in a table, by the `method` of a run's summary (mora.adapters.build.method_name)
+METHOD_NAMES = {
+    "fft": "FFT", "lora": "LoRA", "dora": "DoRA", "mora": "MoRA", "hira": "HiRA", "miss": "MiSS",
+    "randlora": "RandLoRA", "c3a": "C3A", "shira": "SHiRA", "gralora": "GraLoRA", "lokr": "LoKr",
+}  # fmt: skip
 
 
 def load_runs(root: Path) -> list[dict[str, Any]]:

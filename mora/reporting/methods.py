@@ -16,12 +16,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from mora.reporting.common import best_points, gather, keep_records, kept, lr_cell, mean_std
+from mora.reporting.common import METHOD_NAMES, best_points, gather, keep_records, kept, lr_cell, mean_std
 
-NAMES = {
-    "fft": "FFT", "lora": "LoRA", "dora": "DoRA", "mora": "MoRA", "hira": "HiRA", "miss": "MiSS",
-    "randlora": "RandLoRA", "c3a": "C3A", "shira": "SHiRA", "gralora": "GraLoRA", "lokr": "LoKr",
-}  # fmt: skip
 BUDGETS = ("r8", "r256")  # the paper's two LoRA budgets, the suffix of a cell's name
 CSV_COLUMNS = (
     "cell", "method", "budget_r", "lr", "seed", "step", "char_acc", "exact", "trainable_params",
@@ -31,7 +27,7 @@ CSV_COLUMNS = (
 
 def label(summary: dict[str, Any]) -> str:
     """The method's name, with MoRA's operator."""
-    name = NAMES.get(summary["method"], summary["method"])
+    name = METHOD_NAMES.get(summary["method"], summary["method"])
     return f"{name} ({summary['compression']})" if summary["method"] == "mora" else name
 
 

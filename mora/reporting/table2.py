@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from mora.reporting.common import best_points, gather, keep_records, kept, lr_cell, mean_std
+from mora.reporting.common import METHOD_NAMES, best_points, gather, keep_records, kept, lr_cell, mean_std
 
 # PAPER.md Table 2: character-level accuracy at steps 300/500/700/900 (LLaMA-2-7B).
 PAPER_STEPS = (300, 500, 700, 900)
@@ -23,7 +23,6 @@ PAPER_ROWS = {
     "lora-r256": ("LoRA", 256, 639_631_360, (9.9, 70.6, 100, 100)),
     "mora-r256": ("MoRA", 256, 639_433_088, (41.6, 100, 100, 100)),
 }
-METHOD_NAMES = {"fft": "FFT", "lora": "LoRA", "mora": "MoRA"}
 COLOURS = {"FFT": "black", "LoRA": "C0", "MoRA (sharing)": "C1", "MoRA (rope)": "C2", "MoRA (decouple)": "C3"}
 CSV_COLUMNS = ("source", "method", "rank", "trainable_params", "step", "char_acc", "seed")
 
