@@ -8,13 +8,15 @@
 The experiment config names the table's tasks (`table.tasks`, a list or one per profile), its cells per profile
 (`grid.<profile>`: an adapter with its settings and fixed `overrides`, a learning-rate grid, optionally per task,
 and an optional `search` over other settings, every combination of which is run and the best reported) and an
-optional base model to train first (`base.<profile>`); `--set` adds Hydra overrides to every run. Every cell x task
-x learning rate x search point x seed is one run folder under runs/<table>/<profile>/[<task>/]; finished runs are
-skipped, unfinished ones resume, and a finished run of another config stops the command. The runs go in this
-process (the CPU profile, `--jobs` side by side) or each through `python -m mora.launch` with `--launcher` /
-`--nproc` (one node of GPUs), or, with `--submit slurm`, each as a SLURM job on one node running that same
-command (configs/cluster/slurm.yaml, `--slurm KEY=VALUE` over it); `--dry-run` prints the command of every run
-instead. Then the table's reporter (`mora.reporting.<table.layout>`) writes results/<table>/.
+optional base model to train first (`base.<profile>`: its learning rate, seed, `overrides`, its own `task` config,
+and `forgetting: true` to have every cell probe what the base was trained on); `--set` adds Hydra overrides to every
+run. Every cell x task x learning rate x search point x seed is one run folder under
+runs/<table>/<profile>/[<task>/]; finished runs are skipped, unfinished ones resume, and a finished run of another
+config stops the command. The runs go in this process (the CPU profile, `--jobs` side by side) or each through
+`python -m mora.launch` with `--launcher` / `--nproc` (one node of GPUs), or, with `--submit slurm`, each as a SLURM
+job on one node running that same command (configs/cluster/slurm.yaml, `--slurm KEY=VALUE` over it); `--dry-run`
+prints the command of every run instead. Then the table's reporter (`mora.reporting.<table.layout>`) writes
+results/<table>/.
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ def experiment(table: str, profile: str) -> dict[str, Any]:
 
 
 def _value(value: Any) -> str:
+    if value is None:
+        return "null"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -144,14 +148,16 @@ def runs(
     spec = experiment(table, profile)
     common = [f"profile={profile}", f"experiment={table}", "train.progress=false"]
     extra = list(extra or [])
-    base = None
+    base, probes = None, []
     if spec["base"]:
         b = spec["base"]
         folder = root / "base"
-        base = Run(spec["table"]["tasks"][0], "base", b["lr"], b["seed"], folder)
+        base = Run(b.get("task") or spec["table"]["tasks"][0], "base", b["lr"], b["seed"], folder)
         base.overrides = [*common, f"task={base.task}", "adapter=fft", f"train.lr={b['lr']}", f"seed={b['seed']}"]
         base.overrides += [f"{k}={_value(v)}" for k, v in b.get("overrides", {}).items()]
         base.overrides += [*extra, f"run.dir={folder}"]
+        if b.get("forgetting"):
+            probes = cell_overrides("task.probes", base_probes(base.overrides))
     nested = len(spec["table"]["tasks"]) > 1
     out = []
     for task in tasks:
@@ -170,10 +176,19 @@ def runs(
                 overrides += [f"{k}={_value(v)}" for k, v in (cell.get("overrides") or {}).items()]
                 overrides += [f"{k}={_value(v)}" for k, v in point.items()]
                 if base is not None:
-                    overrides.append(f"model.pretrained={base.folder / 'adapter'}")
+                    overrides += [f"model.pretrained={base.folder / 'adapter'}", *probes]
                 overrides += [*extra, f"run.dir={folder}"]
                 out.append(Run(task, cell["name"], lr, seed, folder, overrides, cell.get("launcher")))
     return out, base
+
+
+def base_probes(overrides: list[str]) -> dict[str, Any]:
+    """What a base model was trained on, as the cells' probes (`base.<profile>.forgetting`: each cell's forgetting
+    is the change of these scores from the base's): a mixture's parts, or the base's task itself, by its name."""
+    task = OmegaConf.to_container(compose_cfg(overrides).task, resolve=True)
+    if task.get("parts"):
+        return task["parts"]
+    return {str(task["name"]): {k: v for k, v in task.items() if k != "probes"}}
 
 
 def launch_overrides(run: Run, launcher: str, nproc: int) -> list[str]:

@@ -115,6 +115,9 @@ class TaskSettings(Section):
 
     name: str = setting("a task config name (task=...)", min_length=1)
     recipe: str | None = setting(default=None, hint="a recipe module of mora/tasks, or null (the task's name)")
+    probes: dict[str, dict[str, Any]] | None = setting(
+        default=None, hint="a mapping of names to task sections to evaluate, not train on (mora/tasks/probes.py)"
+    )
 
 
 class Source(Section):
@@ -150,13 +153,14 @@ class TextEval(Section):
         return value
 
 
-def check_task(task: DictConfig | Mapping[str, Any], settings: type[BaseModel]) -> None:
-    """Raise ConfigError on the first bad value of a task section, checked against its recipe's `Settings`."""
+def check_task(task: DictConfig | Mapping[str, Any], settings: type[BaseModel], where: str = "task") -> None:
+    """Raise ConfigError on the first bad value of a task section (at key `where`), checked against its recipe's
+    `Settings`."""
     data = OmegaConf.to_container(task, resolve=True) if isinstance(task, DictConfig) else dict(task)
     try:
         settings.model_validate(data)
     except ValidationError as errors:
-        raise ConfigError(_line(errors.errors()[0], settings, "task")) from None
+        raise ConfigError(_line(errors.errors()[0], settings, where)) from None
 
 
 def check(cfg: DictConfig | Mapping[str, Any]) -> None:

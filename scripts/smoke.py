@@ -40,6 +40,8 @@ def smoke_overrides(method: str, task: str, steps: int, run_dir: Path) -> list[s
         overrides += ["task.n_pairs=16"]
     elif task == "c4":  # 64 training blocks, 8 held out
         overrides += ["task.train_tokens=8192", "task.eval.tokens=1024"]
+    elif task == "uuid_text":  # a mixture: each part's own sizes
+        overrides += ["task.parts.pairs.n_pairs=16", "task.parts.text.eval.tokens=1024"]
     else:  # two documents per benchmark, short generations: the whole evaluation pipeline, quickly
         overrides += ["task.eval.limit=2", "task.eval.gen_kwargs={max_gen_toks:16}"]
     if method in ("relora", "remora"):

@@ -37,6 +37,8 @@ CASES = [
     ("mora.train", ["train.nokey=3"], "train.nokey"),
     ("mora.train", ["adapter.target_modules=[nope]"], "['nope']"),  # found while building: still nothing written
     ("mora.train", ["task.n_pairs=0"], "task.n_pairs"),
+    ("mora.train", ["++task.probes.text.recipe=nope"], "(task.probes.text.recipe)"),  # a probe: its full key
+    ("mora.train", ["task=uuid_text", "task.parts.pairs.n_pairs=-1"], "task.parts.pairs.n_pairs -1"),
     ("mora.train", ["run.dir={file}"], "{file}"),
     ("mora.train", ["run.dir={file}/run"], "{file}/run"),
     ("mora.train", ["run.dir=/proc/mora-lab/run"], "'/proc/mora-lab/run': cannot be created"),  # no such parent
@@ -146,6 +148,7 @@ TABLE_CASES = [
     (["table2", "--profile", "gpu", "--launcher", "slurm"], "'slurm'"),
     (["table2", "--nproc", "two"], "'two' (make: NPROC)"),
     (["table2", "--runs", "/proc/mora-lab"], "'/proc/mora-lab/base': cannot be created"),
+    (["methods", "--cells", "lora-r8", "--set", "task.shares.text=0"], "task.shares.text 0"),  # the base's mixture
 ]
 
 

@@ -48,12 +48,13 @@ def test_every_method_of_the_issue_has_a_config():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """Each PEFT method's low-budget tiny cell, LoRA's and DoRA's, two steps each from a random tiny LLaMA (not the
-    comparison's base model, which would take a run of its own), in the comparison's folder layout."""
+    comparison's base model, which would take a run of its own, nor its probes: tests/test_forgetting.py), in the
+    comparison's folder layout."""
     root = tmp_path_factory.mktemp("methods")
     cells = [f"{name}-r8" for name in (*PEFT_ADAPTERS, "lora", "dora")]  # DoRA's: a rank_pattern
     todo, _ = runs("methods", "tiny", [0], ["uuid"], root, cells, one_point=True)
     for cell in todo:
-        overrides = [o for o in cell.overrides if not o.startswith(("model.pretrained=", "train.lr="))]
+        overrides = [o for o in cell.overrides if not o.startswith(("model.pretrained=", "train.lr=", "++task.probes"))]
         run(compose_cfg([*overrides[:-1], *SHORT, overrides[-1]]))
     return root
 

@@ -4,8 +4,10 @@ against trainable parameters and against training time: the Pareto view).
 
 Every figure is read from a finished run's summary.json: accuracy and exact match at each evaluation (UUID), the
 trainable parameters, the adapter's files on disk, the training time without evaluations, tokens/s, the run's peak
-memory (RSS; CUDA's allocated memory on a GPU), and the merge check (train.merge_check: merge_adapter's time,
-whether merged logits equal unmerged ones). Nothing is typed by hand.
+memory (RSS; CUDA's allocated memory on a GPU), the merge check (train.merge_check: merge_adapter's time, whether
+merged logits equal unmerged ones) and forgetting: where the base model's cells probe what it was trained on
+(`base.<profile>.forgetting`), each probe's score at a run's evaluation minus the base's own, read from the base
+run's summary (kept beside the table). Nothing is typed by hand.
 """
 
 from __future__ import annotations
@@ -19,10 +21,16 @@ from typing import Any
 from mora.reporting.common import METHOD_NAMES, best_points, gather, keep_records, kept, lr_cell, mean_std
 
 BUDGETS = ("r8", "r256")  # the paper's two LoRA budgets, the suffix of a cell's name
+# the probes of forgetting (configs/task/uuid_text.yaml's parts): the base's own pairs, by character accuracy, and
+# held-out text, by perplexity; a column each, the change from the base's score
+PROBES = ("pairs/char_acc", "text/ppl")
 CSV_COLUMNS = (
-    "cell", "method", "budget_r", "lr", "seed", "step", "char_acc", "exact", "trainable_params",
-    "adapter_file_bytes", "train_s", "tokens_per_s", "peak_rss_mb", "peak_cuda_mb", "merge_s", "merge_equal",
+    "cell", "method", "budget_r", "lr", "seed", "step", "char_acc", "exact",
+    *(f"probe_{p.replace('/', '_')}" for p in PROBES), *(f"delta_{p.replace('/', '_')}" for p in PROBES),
+    "trainable_params", "adapter_file_bytes", "train_s", "tokens_per_s", "peak_rss_mb", "peak_cuda_mb", "merge_s",
+    "merge_equal",
 )  # fmt: skip
+RUN_COLUMNS = CSV_COLUMNS[8 + 2 * len(PROBES) :]  # a run's own figures, the same on each of its lines
 
 
 def label(summary: dict[str, Any]) -> str:
@@ -49,6 +57,21 @@ def final(run: dict[str, Any], key: str) -> float:
     return float(evals(run)[-1][key])
 
 
+def base_scores(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """The base model's score on each probe (its run's last evaluation), {} without a base or probes."""
+    base = next((run for run in runs if run["dir"].name == "base"), None)
+    if base is None or not base["summary"]["evals"]:
+        return {}
+    last = base["summary"]["evals"][-1]
+    return {probe: float(last[f"eval/{probe}"]) for probe in PROBES if f"eval/{probe}" in last}
+
+
+def forgetting(record: dict[str, Any], base: dict[str, float]) -> dict[str, float]:
+    """Per probe: an evaluation's score minus the base's (a record of summary["evals"]; negative accuracy, higher
+    perplexity: forgotten)."""
+    return {probe: float(record[f"eval/{probe}"]) - base[probe] for probe in base if f"eval/{probe}" in record}
+
+
 def _mean(group: list[dict[str, Any]], key: str, digits: int = 1, scale: float = 1.0) -> str:
     values = [run["summary"][key] * scale for run in group if run["summary"].get(key) is not None]
     return f"{statistics.mean(values):,.{digits}f}" if values else "–"
@@ -61,7 +84,13 @@ def _merge(group: list[dict[str, Any]]) -> str:
     return "yes" if all(checks) else f"no ({checks.count(False)} of {len(checks)})"
 
 
-def row(cell: dict[str, Any], group: list[dict[str, Any]]) -> list[str]:
+def _delta(group: list[dict[str, Any]], base: dict[str, float], probe: str, digits: int) -> str:
+    values = [forgetting(evals(run)[-1], base).get(probe) for run in group]
+    values = [v for v in values if v is not None]
+    return mean_std(values, digits) if len(values) == len(group) else "–"
+
+
+def row(cell: dict[str, Any], group: list[dict[str, Any]], base: dict[str, float]) -> list[str]:
     """A cell's columns of methods.md: its best learning rate's runs, over seeds."""
     s = group[0]["summary"]
     peak = "peak_cuda_mb" if "peak_cuda_mb" in s else "peak_rss_mb"
@@ -71,6 +100,8 @@ def row(cell: dict[str, Any], group: list[dict[str, Any]]) -> list[str]:
         str(s["rank"] or "-"),
         mean_std([final(run, "eval/char_acc") for run in group]),
         mean_std([final(run, "eval/exact") for run in group]),
+        _delta(group, base, "pairs/char_acc", 1),
+        _delta(group, base, "text/ppl", 2),
         lr_cell(s["lr"], cell["lrs"]),
         str(len(group)),
         f"{s['trainable_params']:,}",
@@ -83,32 +114,49 @@ def row(cell: dict[str, Any], group: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-HEADER = ("Method", "cell", "r", "accuracy", "exact", "LR", "seeds", "trainable", "file KB", "train s", "tokens/s",
-          "peak MB", "merge ms", "merged = unmerged")  # fmt: skip
+HEADER = ("Method", "cell", "r", "accuracy", "exact", "Δ base pairs", "Δ text ppl", "LR", "seeds", "trainable",
+          "file KB", "train s", "tokens/s", "peak MB", "merge ms", "merged = unmerged")  # fmt: skip
 
 
-def write_markdown(path: Path, chosen: dict[str, list[dict[str, Any]]], cells: list[dict], profile: str) -> None:
+def base_line(base: dict[str, float]) -> str:
+    if not base:
+        return "No base model probed: the Δ columns are empty."
+    scores = ", ".join(f"{probe} {value:.2f}" for probe, value in base.items())
+    return (
+        f"Forgetting: before any cell trains, the base model scores {scores} on the probes of what it was trained "
+        "on (its own pairs: character accuracy, %; held-out text: perplexity). Δ base pairs (points) and Δ text ppl "
+        "are a cell's scores at its last evaluation minus the base's: a drop in accuracy, a rise in perplexity is "
+        "forgotten."
+    )
+
+
+def write_markdown(
+    path: Path, chosen: dict[str, list[dict[str, Any]]], cells: list[dict], profile: str, base: dict[str, float]
+) -> None:
     lines = [
         f"# MoRA and the high-rank methods PEFT ships: UUID memorization — profile `{profile}`",
         "",
-        "Table 2's setup (the same pairs, steps and base model). Per cell, the learning rate of its grid with the best",
+        "Table 2's setup (its pairs and steps; the base model: configs/experiment/methods.yaml). Per cell, the",
+        "learning rate of its grid with the best",
         "mean accuracy over the evaluated steps (↑ / ↓: at the top / bottom of its grid), mean ± std over seeds;",
         "cells -r8 / -r256 match LoRA's trainable parameters at the paper's two budgets (results/methods/budgets.md).",
         "Accuracy: character-level (%) at the last evaluation; exact: pairs recalled whole (%). Train s: the training",
         "loop without evaluations. Peak MB: the run's peak RSS (CUDA: allocated). Merge: PEFT's merge_adapter, and",
         "whether the merged model's logits equal the unmerged one's. Built by `mora.reporting.methods`.",
         "",
+        base_line(base),
+        "",
         "| " + " | ".join(HEADER) + " |",
         "|---" * len(HEADER) + "|",
     ]
     for cell in cells:
         group = chosen.get(cell["name"])
-        columns = row(cell, group) if group else [cell["name"], cell["name"]] + ["–"] * (len(HEADER) - 2)
+        columns = row(cell, group, base) if group else [cell["name"], cell["name"]] + ["–"] * (len(HEADER) - 2)
         lines.append("| " + " | ".join(columns) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_csv(path: Path, runs: list[dict[str, Any]], cells: list[dict[str, Any]]) -> None:
+def write_csv(path: Path, runs: list[dict[str, Any]], cells: list[dict[str, Any]], base: dict[str, float]) -> None:
     """Every run of every cell (each learning rate and seed), one line per evaluated step."""
     names = sorted((c["name"] for c in cells), key=len, reverse=True)
     with path.open("w", newline="") as f:
@@ -120,34 +168,40 @@ def write_csv(path: Path, runs: list[dict[str, Any]], cells: list[dict[str, Any]
                 continue
             s = run["summary"]
             for e in evals(run):
+                deltas = forgetting(e, base)
                 writer.writerow(
                     [cell, label(s), s["rank"] if s["rank"] is not None else "-", s["lr"], s["seed"], e["step"],
                      round(e["eval/char_acc"], 2), round(e["eval/exact"], 2)]
-                    + [s.get(k, "") for k in CSV_COLUMNS[8:]]
+                    + [round(e[f"eval/{p}"], 4) if f"eval/{p}" in e else "" for p in PROBES]
+                    + [round(deltas[p], 4) if p in deltas else "" for p in PROBES]
+                    + [s.get(k, "") for k in RUN_COLUMNS]
                 )  # fmt: skip
 
 
-def plot(path: Path, chosen: dict[str, list[dict[str, Any]]], profile: str) -> None:
-    """Final accuracy (mean ± std over seeds, best LR) against trainable parameters and against training time, one
-    marker per method, filled at the high budget: the methods up and to the left do more with less."""
+def plot(path: Path, chosen: dict[str, list[dict[str, Any]]], profile: str, base: dict[str, float]) -> None:
+    """Final accuracy (mean ± std over seeds, best LR) against trainable parameters, against training time and,
+    where the base was probed, against what the cell forgot of the base's pairs; one marker and colour per method,
+    filled at the high budget: the methods up and to the left do more with less."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    panels = 3 if base else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
     methods = sorted({label(group[0]["summary"]) for group in chosen.values()})
     markers = dict(zip(methods, "osD^v<>phX*P8H", strict=False))
-    colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    colours = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}  # distinct for up to 20 methods
     for cell, group in chosen.items():
         s = group[0]["summary"]
         accs = [final(run, "eval/char_acc") for run in group]
         mean, spread = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
         name = label(s)
-        for ax, x in (
-            (axes[0], s["trainable_params"]),
-            (axes[1], statistics.mean(r["summary"]["train_s"] for r in group)),
-        ):
+        xs = [s["trainable_params"], statistics.mean(r["summary"]["train_s"] for r in group)]
+        if base:
+            forgot = [forgetting(evals(run)[-1], base).get("pairs/char_acc") for run in group]
+            xs.append(statistics.mean(forgot) if None not in forgot else float("nan"))
+        for ax, x in zip(axes, xs, strict=True):
             ax.errorbar(
                 x, mean, yerr=spread, marker=markers[name], color=colours[name],
                 markerfacecolor=colours[name] if budget(cell) != "r8" else "white", linestyle="none",
@@ -158,6 +212,9 @@ def plot(path: Path, chosen: dict[str, list[dict[str, Any]]], profile: str) -> N
     axes[0].set_title(f"accuracy per parameter ({profile}); open: the low budget (r8)")
     axes[1].set_title("accuracy per second")
     axes[1].legend(fontsize=7, ncol=2, loc="best")
+    if base:
+        axes[2].set(xlabel="Δ character accuracy on the base's own pairs (points)", ylabel="character accuracy (%)")
+        axes[2].set_title("accuracy against forgetting (right: less forgotten)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -173,13 +230,14 @@ def write_results(
     if not runs:
         raise ValueError(f"no finished runs under {root}: run `make reproduce-methods PROFILE={profile}` first")
     chosen = best_points([run for run in runs if evals(run)], cells, mean_acc)
+    base = base_scores(runs)
     out.mkdir(parents=True, exist_ok=True)
     keep_records(runs, records)
     suffix = "" if profile == "tiny" else f"_{profile}"
     paths = [out / f"methods{suffix}.md", out / f"methods{suffix}.csv", out / f"methods{suffix}.png"]
-    write_markdown(paths[0], chosen, cells, profile)
-    write_csv(paths[1], runs, cells)
+    write_markdown(paths[0], chosen, cells, profile, base)
+    write_csv(paths[1], runs, cells, base)
     if importlib.util.find_spec("matplotlib") is None:
         return paths[:2]
-    plot(paths[2], chosen, profile)
+    plot(paths[2], chosen, profile, base)
     return paths

@@ -19,9 +19,11 @@ from typing import Any, Protocol
 
 import torch
 
+from mora.config import check_task
 from mora.tasks.data import Example
+from mora.tasks.probes import SUBTASKS, Probed, named
 
-NOT_RECIPES = {"corpus", "data", "prompts", "text", "tokenizer"}
+NOT_RECIPES = {"corpus", "data", "probes", "prompts", "text", "tokenizer"}
 
 
 class Task(Protocol):
@@ -47,15 +49,28 @@ def recipes() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in NOT_RECIPES)
 
 
-def recipe(cfg: Mapping[str, Any]):
+def recipe(cfg: Mapping[str, Any], where: str = "task"):
     name = cfg.get("recipe") or cfg.get("name")
     if name not in recipes():
-        raise ValueError(f"unknown task recipe {name!r} (task.recipe); this engine has {', '.join(recipes())}")
+        raise ValueError(f"unknown task recipe {name!r} ({where}.recipe); this engine has {', '.join(recipes())}")
     return importlib.import_module(f"mora.tasks.{name}")
 
 
 def build_task(cfg: Mapping[str, Any], tokenizer: Any) -> Task:
-    return recipe(cfg).build(cfg, tokenizer)
+    """The task of a section, with its probes (mora.tasks.probes) where it has any."""
+    task = recipe(cfg).build(cfg, tokenizer)
+    if not cfg.get("probes"):
+        return task
+    return Probed(task, {name: build_task(section, tokenizer) for name, section in named(cfg["probes"]).items()})
+
+
+def check_sections(cfg: Mapping[str, Any], where: str = "task") -> None:
+    """A task section against its recipe's Settings, and each of its sub-task sections (a mixture's parts, any
+    task's probes) against theirs, naming the bad value by its full key (task.probes.text.block_size)."""
+    check_task(cfg, recipe(cfg, where).Settings, where)
+    for key in SUBTASKS:
+        for name, section in named(cfg.get(key)).items():
+            check_sections(section, f"{where}.{key}.{name}")
 
 
 def task_tokenizer(cfg: Mapping[str, Any]) -> Any:

@@ -4,6 +4,10 @@ Format: `<s>{key}:{value}</s>`; the loss is on `{value}</s>` only. Evaluation gr
 `<s>{key}:` and scores character-level accuracy: for each pair, the fraction of the 36 value characters that the
 generated string has at the same position (a short or missing generation scores 0 there), averaged over all pairs,
 in percent. `exact` is the percentage of pairs generated exactly.
+
+The tokenizer of a model built from config has one token per character: of the UUID alphabet (`task.alphabet:
+uuid`, the default), or of printable ASCII (`ascii`: the UUID characters keep their ids, then the rest), for a
+model that also learns text (the methods comparison's base, configs/task/uuid_text.yaml).
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import hashlib
 import json
 import math
 import random
+import string
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -26,6 +31,10 @@ from mora.tasks.data import IGNORE, Example, collate, epoch_batches
 
 ALPHABET = "0123456789abcdef-:"
 SEPARATOR = ":"
+ALPHABETS = {
+    "uuid": ALPHABET,
+    "ascii": ALPHABET + "".join(c for c in string.printable if c not in ALPHABET and c not in "\r\x0b\x0c"),
+}
 
 
 def generate_pairs(n: int, seed: int) -> list[tuple[str, str]]:
@@ -43,11 +52,12 @@ def generate_pairs(n: int, seed: int) -> list[tuple[str, str]]:
     return list(keys.items())
 
 
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per UUID character, built offline: <pad>, <s>, </s>, <unk>, then 0-9 a-f - :."""
-    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *ALPHABET])}
+def char_tokenizer(alphabet: str = "uuid") -> PreTrainedTokenizerFast:
+    """One token per character, built offline: <pad>, <s>, </s>, <unk>, then 0-9 a-f - : (and, for `ascii`, the
+    other printable ASCII characters, newline and tab among them); any other character is <unk>."""
+    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *ALPHABETS[alphabet]])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")  # every character, newlines too
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
@@ -63,6 +73,7 @@ def encode(tokenizer: PreTrainedTokenizerBase, key: str, value: str) -> Example:
 class Settings(TaskSettings):
     n_pairs: int = setting("a positive number of pairs, e.g. task.n_pairs=1000", gt=0)
     data_seed: int = setting("an integer, e.g. task.data_seed=0")
+    alphabet: Literal["uuid", "ascii"] = setting("uuid or ascii (the tokenizer's characters)", default="uuid")
 
 
 def build(cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> UuidTask:
@@ -70,7 +81,7 @@ def build(cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> UuidTas
 
 
 def tokenizer(cfg: Mapping[str, Any]) -> PreTrainedTokenizerFast:
-    return char_tokenizer()
+    return char_tokenizer(str(cfg.get("alphabet") or "uuid"))
 
 
 class UuidTask:

@@ -38,13 +38,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mora.adapters.build import METHODS, Adapted, build_adapter, method_name
 from mora.adapters.peft_tuner import MoraLayer
-from mora.config import check, check_task
+from mora.config import check
 from mora.evaluation.merge import merge_check
 from mora.evaluation.spectrum import adapted_layers, initial_weights, iter_delta_weights, spectrum
 from mora.models import build_model, ensure_local
 from mora.paths import REPO_ROOT
 from mora.provenance import commit
-from mora.tasks import Task, build_task, recipe, task_tokenizer
+from mora.tasks import Task, build_task, check_sections, task_tokenizer
 from mora.training.memory import peak_memory_mb, reset_peak_memory
 from mora.training.restarts import Restarts, jagged_factor, restarts_of, schedule_factor
 
@@ -67,7 +67,7 @@ def validate(cfg: DictConfig, world: int = 1) -> None:
         raise ValueError(f"unknown adapter.method {cfg.adapter.method!r}; choose one of {', '.join(METHODS)}")
     if cfg.adapter.method != "fft" and cfg.adapter.get("r") is None:
         raise ValueError(f"adapter.r None: adapter={cfg.adapter.method} needs a rank; give adapter.r, e.g. adapter.r=8")
-    check_task(cfg.task, recipe(cfg.task).Settings)
+    check_sections(cfg.task)
     if cfg.task.get("from_scratch") and cfg.model.get("pretrained"):
         raise ValueError(
             f"task {cfg.task.name} pretrains from scratch but model.pretrained={cfg.model.pretrained}; choose a "

@@ -1,0 +1,180 @@
+"""Forgetting (issue #21): the mixture recipe that trains the comparison's base on pairs and text, probes (tasks a run
+evaluates but does not train on), the runner's `forgetting` base whose parts every cell probes, and the reporter's
+change from the base's scores, on a case with a known answer: an adapter that is a no-op forgets nothing."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mora.config import ConfigError
+from mora.paths import REPO_ROOT
+from mora.reporting.methods import base_scores, forgetting, write_results
+from mora.tasks import build_task, check_sections
+from mora.tasks.mixture import split
+from mora.tasks.probes import Probed
+from mora.tasks.uuid import ALPHABET, char_tokenizer
+from mora.training.run import run
+from tests.conftest import small_llama
+
+sys.path.insert(0, str(REPO_ROOT))
+from experiments.reproduce import compose_cfg, experiment, runs  # noqa: E402
+
+TEXT = {  # the fixture in C4's schema, in blocks of 32 characters
+    "recipe": "c4",
+    "from_scratch": False,
+    "source": {"path": "json", "name": None, "split": "train", "data_files": {"train": "tests/fixtures/c4.jsonl"}},
+    "eval_source": {"path": "json", "name": None, "split": "train", "data_files": {"train": "tests/fixtures/c4.jsonl"}},
+    "text_column": "text",
+    "block_size": 32,
+    "train_tokens": 32 * 40,
+    "tokenizer": None,
+    "vocab_size": None,
+    "eval": {"tokens": 32 * 8, "batch_size": 4},
+}
+PAIRS = {"recipe": "uuid", "n_pairs": 8, "data_seed": 1, "alphabet": "ascii"}
+UUID = {"name": "uuid", "recipe": "uuid", "n_pairs": 8, "data_seed": 0}
+
+
+def _mixture(**shares):
+    return {"name": "mix", "recipe": "mixture", "parts": {"pairs": PAIRS, "text": TEXT}, "shares": shares}
+
+
+@pytest.mark.parametrize(
+    ("batch", "shares", "counts"),
+    [
+        (32, {"a": 1, "b": 1}, {"a": 16, "b": 16}),
+        (10, {"a": 1, "b": 2}, {"a": 3, "b": 7}),  # 3.33 / 6.67: the larger remainder gets the odd example
+        (3, {"a": 1, "b": 100}, {"a": 1, "b": 2}),  # every part one example at least
+    ],
+)
+def test_a_global_batch_splits_by_the_shares(batch, shares, counts):
+    assert split(batch, shares) == counts
+
+
+def test_a_batch_smaller_than_the_parts_is_refused():
+    with pytest.raises(ValueError, match="train.global_batch=1 is below the 2 parts"):
+        split(1, {"a": 1, "b": 1})
+
+
+def test_the_ascii_alphabet_keeps_the_uuid_ids_and_reads_text():
+    ascii_tok, uuid_tok = char_tokenizer("ascii"), char_tokenizer("uuid")
+    assert ascii_tok(ALPHABET).input_ids == uuid_tok(ALPHABET).input_ids  # a pair is the same ids in both
+    text = "def f(x):\n\treturn x  # Done!</s>"
+    ids = ascii_tok(text).input_ids
+    assert len(ids) == len(text) - len("</s>") + 1 and ids[-1] == ascii_tok.eos_token_id
+    assert ascii_tok.unk_token_id not in ids and ascii_tok.decode(ids, skip_special_tokens=True) == text[:-4]
+    assert uuid_tok("xyz").input_ids == [uuid_tok.unk_token_id] * 3
+
+
+def test_a_mixture_batch_takes_each_parts_share_from_its_own_seeded_order():
+    tokenizer = char_tokenizer("ascii")
+    task = build_task(_mixture(pairs=1, text=3), tokenizer)
+    assert len(task) == 8 + 40
+    batch = next(task.batches(0, 8, seed=0))
+    lengths = [len(e.input_ids) for e in batch]
+    assert lengths == [75] * 2 + [32] * 6  # 2 pairs (<s>key:value</s>), 6 text blocks
+    # a function of (seed, step): resuming at step 5 gives what step 5 gave
+    stream = task.batches(0, 8, seed=3)
+    fifth = [next(stream) for _ in range(6)][5]
+    assert [e.input_ids for e in next(task.batches(5, 8, seed=3))] == [e.input_ids for e in fifth]
+    # each part evaluated as alone, under its name
+    scores = task.evaluate(small_llama(vocab_size=len(tokenizer)), batch_size=8)
+    assert set(scores) == {"pairs/char_acc", "pairs/exact", "text/loss", "text/ppl", "text/tokens"}
+    alone = build_task({"name": "text", **TEXT}, tokenizer).evaluate(small_llama(vocab_size=len(tokenizer)), 8)
+    assert scores["text/ppl"] == alone["ppl"]
+
+
+def test_probes_are_evaluated_not_trained_and_leave_the_data_hash_alone():
+    tokenizer = char_tokenizer("ascii")
+    plain = {**UUID, "alphabet": "ascii"}
+    task = build_task({**plain, "probes": {"text": TEXT}}, tokenizer)
+    alone = build_task(plain, tokenizer)
+    assert isinstance(task, Probed) and task.data_hash == alone.data_hash and len(task) == len(alone)
+    assert [e.input_ids for e in next(task.batches(0, 4, 0))] == [e.input_ids for e in next(alone.batches(0, 4, 0))]
+    scores = task.evaluate(small_llama(vocab_size=len(tokenizer)), batch_size=8)
+    assert {"char_acc", "exact", "text/ppl", "text/loss", "text/tokens"} == set(scores)
+
+
+@pytest.mark.parametrize(
+    ("section", "line"),
+    [
+        (
+            {**UUID, "probes": {"text": {**TEXT, "block_size": 1}}},
+            "task.probes.text.block_size 1: input should be greater than or equal to 2",
+        ),
+        (
+            {**UUID, "probes": {"x": {"recipe": "nope"}}},
+            "unknown task recipe 'nope' (task.probes.x.recipe)",
+        ),
+        ({**_mixture(pairs=1), "name": "mix"}, "task.shares {'pairs': 1}: the parts are pairs, text: one weight each"),
+        ({**_mixture(pairs=1, text=0)}, "task.shares.text 0: input should be greater than 0"),
+        (
+            {**_mixture(pairs=1, text=1), "parts": {"pairs": {**PAIRS, "alphabet": "latin"}, "text": TEXT}},
+            "task.parts.pairs.alphabet 'latin': input should be 'uuid' or 'ascii'",
+        ),
+    ],
+)
+def test_a_bad_sub_task_is_one_line_naming_its_full_key(section, line):
+    with pytest.raises((ConfigError, ValueError), match="^" + line.replace("(", r"\(").replace(")", r"\)")):
+        check_sections(section)
+
+
+# the base and two cells, a few steps each (the runner's own overrides, steps shortened for every run)
+SHORT = ["train.steps=4", "train.eval_steps=[4]", "train.checkpoint_every=0"]
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory) -> Path:
+    """The comparison's tiny base trained four steps, LoRA from it at a learning rate of 1e-30 (a no-op: the update is
+    below float32's resolution of every weight) and FFT at 1e-2, each probing the base's pairs and text."""
+    root = tmp_path_factory.mktemp("forgetting")
+    todo, base = runs("methods", "tiny", [0], ["uuid"], root, ["lora-r8", "fft"], SHORT, one_point=True)
+    run(compose_cfg(base.overrides))
+    for cell in todo:
+        lr = "train.lr=1e-30" if cell.cell == "lora-r8" else "train.lr=1e-2"
+        run(compose_cfg([*cell.overrides[:-1], lr, cell.overrides[-1]]))
+    return root
+
+
+@pytest.mark.slow
+def test_a_no_op_adapter_forgets_nothing_and_fft_forgets_something(probed):
+    loaded = [
+        {"dir": d, "summary": json.loads((d / "summary.json").read_text())} for d in sorted(probed.iterdir())
+    ]  # fmt: skip
+    base = base_scores(loaded)
+    assert set(base) == {"pairs/char_acc", "text/ppl"} and base["text/ppl"] > 1
+    (noop,) = [r for r in loaded if r["dir"].name.startswith("lora-r8")]
+    (fft,) = [r for r in loaded if r["dir"].name.startswith("fft")]
+    assert forgetting(noop["summary"]["evals"][-1], base) == {"pairs/char_acc": 0.0, "text/ppl": 0.0}  # exactly
+    assert forgetting(fft["summary"]["evals"][-1], base)["text/ppl"] != 0.0  # four steps of FFT on the cells' pairs
+    # the cells read text with the base's tokenizer (saved with it): printable ASCII, no <unk> in the probe
+    assert json.loads((probed / "base" / "adapter" / "tokenizer.json").read_text())["model"]["vocab"]["A"] > 0
+
+
+@pytest.mark.slow
+def test_the_table_states_the_base_and_each_cells_change_from_it(probed, tmp_path):
+    cells = experiment("methods", "tiny")["cells"]
+    md, csv_path, _ = write_results(probed, tmp_path, "tiny", cells)
+    table = md.read_text()
+    assert "the base model scores pairs/char_acc" in table
+    (lora,) = [line for line in table.splitlines() if "| lora-r8 |" in line]
+    assert lora.split(" | ")[5:7] == ["0.0", "0.00"]  # Δ base pairs, Δ text ppl
+    lines = csv_path.read_text().splitlines()
+    header = lines[0].split(",")
+    row = dict(zip(header, next(line for line in lines if line.startswith("lora-r8")).split(","), strict=True))
+    assert float(row["delta_pairs_char_acc"]) == 0.0 and float(row["probe_text_ppl"]) > 1
+    assert (tmp_path / "runs" / "tiny" / "base" / "summary.json").is_file()  # the base's record is kept
+
+
+def test_a_probe_sees_the_model_as_it_is(tmp_path):
+    """The probe's perplexity is the model's: a model whose output does not depend on its input scores the text's
+    character distribution, the same whatever the seed of the pairs."""
+    tokenizer = char_tokenizer("ascii")
+    model = small_llama(vocab_size=len(tokenizer))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # uniform over the vocabulary: perplexity = vocabulary size
+    scores = build_task({"name": "t", **TEXT}, tokenizer).evaluate(model, 4)
+    assert scores["ppl"] == pytest.approx(len(tokenizer), rel=1e-5)
