@@ -29,7 +29,7 @@ from mora.adapters.build import method_name  # noqa: E402
 from mora.inspect import footprint, lora_at  # noqa: E402
 
 TABLE = "methods"
-PROFILES = ("tiny", "paper")
+PROFILES = ("tiny", "gpu", "paper")
 TOLERANCE = 0.10  # a cell's trainable parameters within 10% of LoRA's at its budget
 
 

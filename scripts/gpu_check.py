@@ -1,23 +1,28 @@
-"""The one prepared check for a single GPU (about 10 minutes): environment, per-layer and merge benchmarks in bf16 at
-LLaMA-7B's shapes with CUDA-event timing, and Table 2's `gpu` profile for one seed.
+"""The one prepared check for a single GPU (about 10 minutes): environment, then the parts chosen (`--parts`), each
+in the order of PARTS, what has never run on a GPU first: the methods comparison's `gpu` profile for one seed,
+per-layer and merge benchmarks in bf16 at LLaMA-7B's shapes with CUDA-event timing, Table 2's `gpu` profile for one
+seed (by default the first three: their budgets fill the 9 minutes a lent GPU's 10 leave; README, "The GPU check").
 
-    bash scripts/gpu_check.sh OUT              # on the GPU node, in the checkout (after the wheelhouse install)
-    bash scripts/gpu_check.sh OUT --dry        # on CPU, tiny sizes, in seconds: what the tests run
+    bash scripts/gpu_check.sh OUT                      # on the GPU node, in the checkout (after the wheelhouse install)
+    bash scripts/gpu_check.sh OUT --parts table2       # one part
+    bash scripts/gpu_check.sh OUT --dry                # on CPU, tiny sizes, in seconds: what the tests run
 
-It writes at most 8 files into OUT and no folders, each stamped with the commit and the device, so that they are
-easy to collect from a remote node: gpu_check.json / .md (environment, every part's status and time), layer.json /
-.md (base, LoRA r = 8 / 256, MoRA sharing / rope at r = 8 / 256: forward and forward + backward), merge.json / .md
-(merging MoRA into the weight), table2.json / .md (every run of the `gpu` profile and the table). Each part runs in
-its own process group with its own time budget (--layer-s, --merge-s, --table2-s); a part stopped at its budget keeps
-what it wrote so far (the benchmarks rewrite their files after every case; table2.json is rewritten every 10 s with
-the runs so far, and the table is made from the runs that finished). SIGTERM / SIGINT stop the running part's
-process group and write the report. Table 2's runs lie in runs/table2/gpu-<commit>, so a second call at one commit
-resumes. MORA_COMMIT, where set, names the commit a copied checkout came from.
+It writes two files per part and two of its own into OUT and no folders, each stamped with the commit and the
+device, so that they are easy to collect from a remote node: gpu_check.json / .md (environment, every part's status
+and time), layer.json / .md (base, LoRA r = 8 / 256, MoRA sharing / rope at r = 8 / 256: forward and forward +
+backward), merge.json / .md (merging MoRA into the weight), methods.json / .md and table2.json / .md (every run of
+the table's `gpu` profile and the table). Each part runs in its own process group with its own time budget
+(--methods-s, --layer-s, --merge-s, --table2-s); a part stopped at its budget keeps what it wrote so far (the
+benchmarks rewrite their files after every case; a table's json is rewritten every 10 s with the runs so far, and
+the table is made from the runs that finished). SIGTERM / SIGINT stop the running part's process group and write the
+report. A table's runs lie in runs/<table>/gpu-<commit>, so a second call at one commit resumes. MORA_COMMIT, where
+set, names the commit a copied checkout came from.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -37,11 +42,22 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 POLL_S = 10.0  # how often a running part's progress files are rewritten
+# the parts in the order a check runs them: what has never run on a GPU first
+PARTS = {
+    "methods": "the methods comparison, gpu profile (never run on a GPU)",
+    "layer": "the per-layer benchmark",
+    "merge": "the merge benchmark",
+    "table2": "Table 2, gpu profile (on an H200, 2026-11-30)",
+}
+TABLES = ("methods", "table2")  # the parts that run a table's gpu profile through the table runner
+DEFAULT_PARTS = ("methods", "layer", "merge")  # 540 s of budgets in a 600 s call
 # each part's time budget on a GPU (README: what one lent GPU's 10 minutes hold); a dry run has none unless given
-BUDGETS_S = {"layer": 40.0, "merge": 20.0, "table2": 480.0}
+BUDGETS_S = {"methods": 480.0, "layer": 40.0, "merge": 20.0, "table2": 480.0}
+# a dry run's cells, unless --cells names them: each table's first cells at its first learning rate
+DRY_CELLS = {"methods": ["lora-r8", "mora-r8", "hira-r8"], "table2": ["fft", "lora-r8", "mora-r8"]}
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "hydra-core", "omegaconf", "numpy")
-# the dry run's Table 2: the gpu profile's configs and runner at a size a CPU does in seconds
-DRY_TABLE2 = [
+# a dry run's tables: the gpu profile's configs and runner at a size a CPU does in seconds
+DRY_SIZES = [
     "model.config.hidden_size=32",
     "model.config.intermediate_size=64",
     "model.config.num_hidden_layers=1",
@@ -182,38 +198,42 @@ def run_summaries(runs: Path) -> list[dict[str, Any]]:
     return summaries
 
 
-def table2_part(
-    out: Path, runs: Path, scratch: Path, budget_s: float | None, dry: bool, cells: list[str] | None
+def table_part(
+    table: str, out: Path, runs: Path, scratch: Path, budget_s: float | None, dry: bool, cells: list[str] | None
 ) -> dict[str, Any]:
-    """Table 2's gpu profile for seed 0 through the table runner (one process per run; after a failed run, the
-    next), then table2.md from the runs that finished and table2.json with every run's figures (the runner's own
-    tables go to scratch). table2.json is rewritten as the runs go, so that a check killed from outside still
-    brings back the runs that finished."""
-    cmd = [sys.executable, "experiments/reproduce.py", "table2", "--profile", "gpu", "--seeds", "0", "--keep-going"]
-    cmd += ["--runs", str(runs), "--out", str(scratch / "reproduce")]
-    cells = cells or (["fft", "lora-r8", "mora-r8"] if dry else None)
+    """A table's gpu profile for seed 0 through the table runner (one process per run; after a failed run, the
+    next), then <table>.md from the runs that finished (the table's own reporter) and <table>.json with every run's
+    figures (the runner's own tables go to scratch). <table>.json is rewritten as the runs go, so that a check killed
+    from outside still brings back the runs that finished."""
+    cmd = [sys.executable, "experiments/reproduce.py", table, "--profile", "gpu", "--seeds", "0", "--keep-going"]
+    cmd += ["--runs", str(runs), "--out", str(scratch / table / "reproduce")]
+    if cells:  # the cells this table has (main() made sure it has one at least)
+        from experiments.reproduce import experiment
+
+        cells = [c for c in cells if c in {cell["name"] for cell in experiment(table, "gpu")["cells"]}]
+    cells = cells or (DRY_CELLS[table] if dry else None)
     cmd += ["--cells", *cells] if cells else []
-    cmd += ["--one-point", "--set", *DRY_TABLE2] if dry else []  # dry: each cell at its first learning rate
-    print(f"== table2 runs in {runs}", flush=True)
+    cmd += ["--one-point", "--set", *DRY_SIZES] if dry else []  # dry: each cell at its first learning rate
+    print(f"== {table} runs in {runs}", flush=True)
 
     def progress() -> None:
         running = {"status": "running", "command": cmd[1:], "runs": run_summaries(runs)}
-        (out / "table2.json").write_text(json.dumps(running, indent=2))
+        (out / f"{table}.json").write_text(json.dumps(running, indent=2))
 
-    part = run_part("table2", cmd, budget_s, poll=progress)
+    part = run_part(table, cmd, budget_s, poll=progress)
     summaries = run_summaries(runs)
     part["runs"] = summaries
     finished = [s for s in summaries if s["status"] == "finished" and s["run"] != "base"]
     if finished:
         from experiments.reproduce import experiment
-        from mora.reporting.table2 import write_results
 
-        cells = experiment("table2", "gpu")["cells"]
-        md = write_results(runs, scratch / "report", "gpu", cells)[0]  # no plot where matplotlib is missing
-        shutil.copy(md, out / "table2.md")
+        spec = experiment(table, "gpu")
+        reporter = importlib.import_module(f"mora.reporting.{spec['table']['layout']}")
+        md = reporter.write_results(runs, scratch / table / "report", "gpu", spec["cells"])[0]  # plot: if matplotlib
+        shutil.copy(md, out / f"{table}.md")
     else:
-        (out / "table2.md").write_text("# Table 2, gpu profile\n\nNo run finished within the budget.\n")
-    (out / "table2.json").write_text(json.dumps(part, indent=2))
+        (out / f"{table}.md").write_text(f"# {table}, gpu profile\n\nNo run finished within the budget.\n")
+    (out / f"{table}.json").write_text(json.dumps(part, indent=2))
     return {k: v for k, v in part.items() if k != "runs"} | {"runs_finished": len(finished)}
 
 
@@ -247,15 +267,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="the folder for the result files (created; at most 8 files)")
     parser.add_argument("--dry", action="store_true", help="CPU, tiny sizes, seconds")
     parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=list(PARTS),
+        default=list(DEFAULT_PARTS),
+        help=f"the parts to run, in the order {', '.join(PARTS)} (default: {' '.join(DEFAULT_PARTS)})",
+    )
+    parser.add_argument(
         "--runs",
         type=Path,
-        help="Table 2 run folders (default runs/table2/gpu-<commit>: a rerun of one commit resumes; dry: temporary)",
+        help="a folder for each table's run folders, <runs>/<table> (default runs/<table>/gpu-<commit>: a rerun of "
+        "one commit resumes; dry: temporary)",
     )
-    for name, what in (("layer", "the per-layer benchmark"), ("merge", "the merge benchmark"), ("table2", "Table 2")):
+    for name, what in PARTS.items():
         parser.add_argument(
             f"--{name}-s", type=float, help=f"time budget of {what} (default {BUDGETS_S[name]:g} s; dry: none)"
         )
-    parser.add_argument("--cells", nargs="+", help="only these Table 2 cells (default: all; dry: fft lora-r8 mora-r8)")
+    parser.add_argument("--cells", nargs="+", help="only these cells of each table (default: all; dry: the first)")
     args = parser.parse_args(argv)
     budgets: dict[str, float | None] = {}
     for name, default in BUDGETS_S.items():
@@ -263,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         if given is not None and given <= 0:
             parser.error(f"--{name}-s {given}: a budget is a positive number of seconds")
         budgets[name] = given if given is not None else None if args.dry else default
+    for table in (t for t in TABLES if t in args.parts and args.cells):
+        from experiments.reproduce import experiment
+
+        names = [cell["name"] for cell in experiment(table, "gpu")["cells"]]
+        if not set(args.cells) & set(names):
+            parser.error(f"--cells {' '.join(args.cells)}: {table}'s gpu profile has none of them ({' '.join(names)})")
     if args.out.exists() and any(args.out.iterdir()):
         parser.error(f"{args.out} is not empty; give a new or empty folder (nothing is overwritten)")
     import torch
@@ -284,14 +318,18 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _stop_on_signal)
     commands = bench_commands(out, args.dry)
     with tempfile.TemporaryDirectory() as tmp:
-        default_runs = Path(tmp) / "runs" if args.dry else REPO_ROOT / "runs" / "table2" / f"gpu-{env['commit'][:12]}"
-        steps = {
-            "layer": lambda: run_part("layer", commands["layer"], budgets["layer"]),
-            "merge": lambda: run_part("merge", commands["merge"], budgets["merge"]),
-            "table2": lambda: table2_part(
-                out, (args.runs or default_runs).resolve(), Path(tmp), budgets["table2"], args.dry, args.cells
-            ),
-        }
+
+        def runs_of(table: str) -> Path:
+            if args.runs:
+                return (args.runs / table).resolve()
+            return Path(tmp) / "runs" / table if args.dry else REPO_ROOT / "runs" / table / f"gpu-{env['commit'][:12]}"
+
+        def step(name: str) -> Callable[[], dict[str, Any]]:
+            if name in TABLES:
+                return lambda: table_part(name, out, runs_of(name), Path(tmp), budgets[name], args.dry, args.cells)
+            return lambda: run_part(name, commands[name], budgets[name])
+
+        steps = {name: step(name) for name in PARTS if name in args.parts}
         try:
             for name, step in steps.items():
                 parts[name] = step()

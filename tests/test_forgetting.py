@@ -82,7 +82,7 @@ def test_a_mixture_batch_takes_each_parts_share_from_its_own_seeded_order():
     assert [e.input_ids for e in next(task.batches(5, 8, seed=3))] == [e.input_ids for e in fifth]
     # each part evaluated as alone, under its name
     scores = task.evaluate(small_llama(vocab_size=len(tokenizer)), batch_size=8)
-    assert set(scores) == {"pairs/char_acc", "pairs/exact", "text/loss", "text/ppl", "text/tokens"}
+    assert set(scores) == {"pairs/char_acc", "pairs/exact", "pairs/loss", "text/loss", "text/ppl", "text/tokens"}
     alone = build_task({"name": "text", **TEXT}, tokenizer).evaluate(small_llama(vocab_size=len(tokenizer)), 8)
     assert scores["text/ppl"] == alone["ppl"]
 
@@ -95,7 +95,7 @@ def test_probes_are_evaluated_not_trained_and_leave_the_data_hash_alone():
     assert isinstance(task, Probed) and task.data_hash == alone.data_hash and len(task) == len(alone)
     assert [e.input_ids for e in next(task.batches(0, 4, 0))] == [e.input_ids for e in next(alone.batches(0, 4, 0))]
     scores = task.evaluate(small_llama(vocab_size=len(tokenizer)), batch_size=8)
-    assert {"char_acc", "exact", "text/ppl", "text/loss", "text/tokens"} == set(scores)
+    assert {"char_acc", "exact", "loss", "text/ppl", "text/loss", "text/tokens"} == set(scores)
 
 
 @pytest.mark.parametrize(
@@ -145,11 +145,12 @@ def test_a_no_op_adapter_forgets_nothing_and_fft_forgets_something(probed):
         {"dir": d, "summary": json.loads((d / "summary.json").read_text())} for d in sorted(probed.iterdir())
     ]  # fmt: skip
     base = base_scores(loaded)
-    assert set(base) == {"pairs/char_acc", "text/ppl"} and base["text/ppl"] > 1
+    assert set(base) == {"pairs/char_acc", "pairs/loss", "text/ppl"} and base["text/ppl"] > 1
     (noop,) = [r for r in loaded if r["dir"].name.startswith("lora-r8")]
     (fft,) = [r for r in loaded if r["dir"].name.startswith("fft")]
-    assert forgetting(noop["summary"]["evals"][-1], base) == {"pairs/char_acc": 0.0, "text/ppl": 0.0}  # exactly
-    assert forgetting(fft["summary"]["evals"][-1], base)["text/ppl"] != 0.0  # four steps of FFT on the cells' pairs
+    assert forgetting(noop["summary"]["evals"][-1], base) == dict.fromkeys(base, 0.0)  # exactly
+    forgot = forgetting(fft["summary"]["evals"][-1], base)  # four steps of FFT on the cells' pairs
+    assert forgot["text/ppl"] != 0.0 and forgot["pairs/loss"] != 0.0
     # the cells read text with the base's tokenizer (saved with it): printable ASCII, no <unk> in the probe
     assert json.loads((probed / "base" / "adapter" / "tokenizer.json").read_text())["model"]["vocab"]["A"] > 0
 
@@ -161,7 +162,7 @@ def test_the_table_states_the_base_and_each_cells_change_from_it(probed, tmp_pat
     table = md.read_text()
     assert "the base model scores pairs/char_acc" in table
     (lora,) = [line for line in table.splitlines() if "| lora-r8 |" in line]
-    assert lora.split(" | ")[5:7] == ["0.0", "0.00"]  # Δ base pairs, Δ text ppl
+    assert lora.split(" | ")[5:8] == ["0.0", "0.00", "0.0"]  # Δ base pairs, Δ pairs loss, Δ text ppl
     lines = csv_path.read_text().splitlines()
     header = lines[0].split(",")
     row = dict(zip(header, next(line for line in lines if line.startswith("lora-r8")).split(","), strict=True))

@@ -81,18 +81,23 @@ def test_the_gpu_profile_trains_two_steps_on_cpu(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_dry_writes_its_files_on_cpu(tmp_path):
     out = tmp_path / "out"
-    cmd = ["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh"), str(out), "--dry", "--cells", "mora-r8"]
+    parts = ["table2", "merge", "layer", "methods"]  # every part; run in the order of gpu_check.PARTS
+    cmd = ["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh"), str(out), "--dry", "--cells", "mora-r8", "--parts"]
     env = {k: v for k, v in os.environ.items() if k != "MORA_COMMIT"} | {"PYTHON": sys.executable}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    result = subprocess.run([*cmd, *parts], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(f"{n}.{e}" for n in ("gpu_check", "layer", "merge", "table2") for e in ("json", "md"))
+    assert names == sorted(f"{n}.{e}" for n in ("gpu_check", *parts) for e in ("json", "md"))
     assert all(p.is_file() and p.stat().st_size < 2**20 for p in out.iterdir())
     check = json.loads((out / "gpu_check.json").read_text())
     assert check["environment"]["dry"] and len(check["environment"]["commit"]) == 40
     assert {name: part["status"] for name, part in check["parts"].items()} == dict.fromkeys(
-        ("layer", "merge", "table2"), "finished"
+        ("methods", "layer", "merge", "table2"), "finished"
     )
+    assert list(check["parts"]) == ["methods", "layer", "merge", "table2"]
+    methods = json.loads((out / "methods.json").read_text())["runs"]
+    assert {r["run"] for r in methods} == {"base", "mora-r8-lr0.003-s0"}
+    assert "| MoRA (rope) | mora-r8 | 8 |" in (out / "methods.md").read_text()
     layer = json.loads((out / "layer.json").read_text())
     variants = {row["variant"] for row in layer["rows"]}
     assert variants == {"base", "lora r=2", "lora r=8", "sharing r=2", "sharing r=8", "rope r=2", "rope r=8"}
@@ -120,7 +125,7 @@ def test_gpu_check_stopped_from_outside_stops_its_part_and_reports(tmp_path):
     import psutil
 
     out = tmp_path / "out"
-    cmd = ["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh"), str(out), "--dry"]
+    cmd = ["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh"), str(out), "--dry", "--parts", "layer", "merge"]
     env = {k: v for k, v in os.environ.items() if k != "MORA_COMMIT"} | {"PYTHON": sys.executable}
     check = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     for line in check.stdout:
@@ -209,14 +214,32 @@ def test_a_dry_check_has_no_budgets_unless_given(monkeypatch, tmp_path):
         seen[name] = budget_s
         return {"status": "finished", "wall_s": 0.0, "budget_s": budget_s, "command": cmd[1:]}
 
-    def fake_table2(out, runs, scratch, budget_s, dry, cells):
-        seen["table2"] = budget_s
+    def fake_table(table, out, runs, scratch, budget_s, dry, cells):
+        seen[table] = budget_s
         return {"status": "finished", "wall_s": 0.0, "budget_s": budget_s, "command": [], "runs_finished": 0}
 
     monkeypatch.setattr(gpu_check.signal, "signal", lambda *args: None)  # pytest keeps its own handlers
     monkeypatch.setattr(gpu_check, "run_part", fake_part)
-    monkeypatch.setattr(gpu_check, "table2_part", fake_table2)
+    monkeypatch.setattr(gpu_check, "table_part", fake_table)
     assert gpu_check.main([str(tmp_path / "a"), "--dry"]) == 0
-    assert seen == {"layer": None, "merge": None, "table2": None}
-    assert gpu_check.main([str(tmp_path / "b"), "--dry", "--merge-s", "7"]) == 0
-    assert seen == {"layer": None, "merge": 7.0, "table2": None}
+    assert seen == {"methods": None, "layer": None, "merge": None}  # the default parts
+    seen.clear()
+    assert gpu_check.main([str(tmp_path / "b"), "--dry", "--merge-s", "7", "--parts", "table2", "merge"]) == 0
+    assert list(seen.items()) == [("merge", 7.0), ("table2", None)]  # in the order of PARTS
+
+
+def test_the_default_parts_fit_a_lent_gpus_call():
+    from scripts import gpu_check
+
+    # what has never run on a GPU first, and the default budgets leave a minute of a 600 s call for the rest
+    assert list(gpu_check.PARTS)[0] == "methods" and gpu_check.DEFAULT_PARTS[0] == "methods"
+    assert sum(gpu_check.BUDGETS_S[p] for p in gpu_check.DEFAULT_PARTS) <= 540
+
+
+def test_cells_that_no_table_part_has_are_refused_before_anything_is_written(tmp_path, capsys):
+    from scripts import gpu_check
+
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main([str(tmp_path / "out"), "--dry", "--parts", "methods", "--cells", "fft"])
+    assert stop.value.code == 2 and "methods's gpu profile has none of them" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

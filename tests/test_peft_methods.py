@@ -142,6 +142,9 @@ def test_the_budget_table_is_the_codes_and_every_cell_matches_loras_budget():
     assert not off, f"cells off LoRA's budget by more than 10%: {off}"
     kept = budgets.read_csv(REPO_ROOT / "results" / "methods" / "budgets.csv")
     assert [row for row in kept if row.profile == "tiny"] == fresh  # make budgets writes what the code counts
+    gpu = [row for row in kept if row.profile == "gpu"]  # the one-GPU profile's low budget, recounted (seconds)
+    assert {row.cell for row in gpu} == {c["name"] for c in experiment("methods", "gpu")["cells"]}
+    assert all(abs(row.ratio - 1) <= budgets.TOLERANCE for row in gpu) and budgets.rows("gpu") == gpu
     paper = [row for row in kept if row.profile == "paper"]
     assert {row.cell for row in paper} == {c["name"] for c in experiment("methods", "paper")["cells"]} - {"fft"}
     assert all(abs(row.ratio - 1) <= budgets.TOLERANCE for row in paper)

@@ -1,5 +1,6 @@
 """The UUID data recipe and its metric."""
 
+import math
 import re
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from mora.tasks.data import collate
 from mora.tasks.uuid import UuidTask, char_tokenizer, encode, generate_pairs, pair_scores
+from tests.conftest import small_llama
 
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
@@ -64,6 +66,10 @@ def test_evaluate_scores_a_model_that_knows_the_answers():
             super().__init__()
             self.p = torch.nn.Parameter(torch.zeros(1))
 
+        def forward(self, input_ids, attention_mask):  # teacher-forced: certain of each next token
+            logits = 100.0 * torch.nn.functional.one_hot(input_ids.roll(-1, dims=1), len(tok)).float()
+            return type("Out", (), {"logits": logits})
+
         def generate(self, input_ids, attention_mask, max_new_tokens, **_):
             rows = []
             for row, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
@@ -71,4 +77,14 @@ def test_evaluate_scores_a_model_that_knows_the_answers():
                 rows.append(row + (answers[prompt] + [tok.pad_token_id] * max_new_tokens)[:max_new_tokens])
             return torch.tensor(rows)
 
-    assert task.evaluate(Oracle()) == {"char_acc": 100.0, "exact": 100.0}
+    assert task.evaluate(Oracle()) == {"char_acc": 100.0, "exact": 100.0, "loss": 0.0}
+
+
+def test_the_value_loss_of_a_model_that_knows_nothing_is_the_log_of_the_vocabulary():
+    tok = char_tokenizer()
+    task = UuidTask(5, 0, tok)
+    model = small_llama(vocab_size=len(tok))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every next token equally likely
+    scores = task.evaluate(model, batch_size=2)  # three batches: the sums run over them
+    assert scores["loss"] == pytest.approx(math.log(len(tok)), rel=1e-6)

@@ -21,9 +21,10 @@ from typing import Any
 from mora.reporting.common import METHOD_NAMES, best_points, gather, keep_records, kept, lr_cell, mean_std
 
 BUDGETS = ("r8", "r256")  # the paper's two LoRA budgets, the suffix of a cell's name
-# the probes of forgetting (configs/task/uuid_text.yaml's parts): the base's own pairs, by character accuracy, and
-# held-out text, by perplexity; a column each, the change from the base's score
-PROBES = ("pairs/char_acc", "text/ppl")
+# the probes of forgetting (configs/task/uuid_text.yaml's parts): the base's own pairs, by character accuracy and by
+# the values' loss (which still moves where accuracy sits at its floor), and held-out text, by perplexity; a column
+# each, the change from the base's score, with the digits it is shown to
+PROBES = {"pairs/char_acc": 1, "pairs/loss": 2, "text/ppl": 1}
 CSV_COLUMNS = (
     "cell", "method", "budget_r", "lr", "seed", "step", "char_acc", "exact",
     *(f"probe_{p.replace('/', '_')}" for p in PROBES), *(f"delta_{p.replace('/', '_')}" for p in PROBES),
@@ -100,8 +101,7 @@ def row(cell: dict[str, Any], group: list[dict[str, Any]], base: dict[str, float
         str(s["rank"] or "-"),
         mean_std([final(run, "eval/char_acc") for run in group]),
         mean_std([final(run, "eval/exact") for run in group]),
-        _delta(group, base, "pairs/char_acc", 1),
-        _delta(group, base, "text/ppl", 2),
+        *(_delta(group, base, probe, digits) for probe, digits in PROBES.items()),
         lr_cell(s["lr"], cell["lrs"]),
         str(len(group)),
         f"{s['trainable_params']:,}",
@@ -114,8 +114,8 @@ def row(cell: dict[str, Any], group: list[dict[str, Any]], base: dict[str, float
     ]
 
 
-HEADER = ("Method", "cell", "r", "accuracy", "exact", "Δ base pairs", "Δ text ppl", "LR", "seeds", "trainable",
-          "file KB", "train s", "tokens/s", "peak MB", "merge ms", "merged = unmerged")  # fmt: skip
+HEADER = ("Method", "cell", "r", "accuracy", "exact", "Δ base pairs", "Δ pairs loss", "Δ text ppl", "LR", "seeds",
+          "trainable", "file KB", "train s", "tokens/s", "peak MB", "merge ms", "merged = unmerged")  # fmt: skip
 
 
 def base_line(base: dict[str, float]) -> str:
@@ -124,9 +124,9 @@ def base_line(base: dict[str, float]) -> str:
     scores = ", ".join(f"{probe} {value:.2f}" for probe, value in base.items())
     return (
         f"Forgetting: before any cell trains, the base model scores {scores} on the probes of what it was trained "
-        "on (its own pairs: character accuracy, %; held-out text: perplexity). Δ base pairs (points) and Δ text ppl "
-        "are a cell's scores at its last evaluation minus the base's: a drop in accuracy, a rise in perplexity is "
-        "forgotten."
+        "on (its own pairs: character accuracy, %, and the values' loss, nats per token; held-out text: "
+        "perplexity). Δ base pairs (points), Δ pairs loss and Δ text ppl are a cell's scores at its last evaluation "
+        "minus the base's: a drop in accuracy, a rise in loss or perplexity is forgotten."
     )
 
 
@@ -180,7 +180,8 @@ def write_csv(path: Path, runs: list[dict[str, Any]], cells: list[dict[str, Any]
 
 def plot(path: Path, chosen: dict[str, list[dict[str, Any]]], profile: str, base: dict[str, float]) -> None:
     """Final accuracy (mean ± std over seeds, best LR) against trainable parameters, against training time and,
-    where the base was probed, against what the cell forgot of the base's pairs; one marker and colour per method,
+    where the base was probed, against what the cell forgot of the base's pairs (the rise of their loss: accuracy
+    sits at its floor for most); one marker and colour per method,
     filled at the high budget: the methods up and to the left do more with less."""
     import matplotlib
 
@@ -199,7 +200,7 @@ def plot(path: Path, chosen: dict[str, list[dict[str, Any]]], profile: str, base
         name = label(s)
         xs = [s["trainable_params"], statistics.mean(r["summary"]["train_s"] for r in group)]
         if base:
-            forgot = [forgetting(evals(run)[-1], base).get("pairs/char_acc") for run in group]
+            forgot = [forgetting(evals(run)[-1], base).get("pairs/loss") for run in group]
             xs.append(statistics.mean(forgot) if None not in forgot else float("nan"))
         for ax, x in zip(axes, xs, strict=True):
             ax.errorbar(
@@ -213,8 +214,8 @@ def plot(path: Path, chosen: dict[str, list[dict[str, Any]]], profile: str, base
     axes[1].set_title("accuracy per second")
     axes[1].legend(fontsize=7, ncol=2, loc="best")
     if base:
-        axes[2].set(xlabel="Δ character accuracy on the base's own pairs (points)", ylabel="character accuracy (%)")
-        axes[2].set_title("accuracy against forgetting (right: less forgotten)")
+        axes[2].set(xlabel="Δ loss of the base's own pairs (nats per token)", ylabel="character accuracy (%)")
+        axes[2].set_title("accuracy against forgetting (left: less forgotten)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
