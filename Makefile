@@ -76,7 +76,7 @@ reproduce-table3: $(STAMP) ## Table 3, Figs. 4-5 (C4 pretraining from scratch): 
 reproduce-table4: $(STAMP) ## Table 4 (MoRA's operators at two ranks): PROFILE=tiny|paper, SEEDS="0 1 2" (paper: 42) -> results/table4/
 	$(PY) experiments/reproduce.py table4 $(REPRODUCE_ARGS) --seeds $(TABLE_SEEDS)
 
-reproduce-methods: $(STAMP) ## MoRA against the methods PEFT ships, Table 2's UUID setup: PROFILE=tiny|paper, SEEDS="0 1 2" (paper: 42) -> results/methods/
+reproduce-methods: $(STAMP) ## MoRA against the methods PEFT ships, Table 2's UUID setup: PROFILE=tiny|gpu|paper, SEEDS="0 1 2" (paper: 42) -> results/methods/
 	$(PY) experiments/reproduce.py methods $(REPRODUCE_ARGS) --seeds $(TABLE_SEEDS)
 
 budgets: $(STAMP) ## the methods' budget table: trainable parameters and saved size of every cell beside LoRA's -> results/methods/budgets.md
