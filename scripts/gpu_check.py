@@ -1,7 +1,7 @@
 """The one prepared check for a single GPU (about 10 minutes): environment, then the parts chosen (`--parts`), each
 in the order of PARTS, what has never run on a GPU first: the methods comparison's `gpu` profile for one seed,
 per-layer and merge benchmarks in bf16 at LLaMA-7B's shapes with CUDA-event timing, Table 2's `gpu` profile for one
-seed (by default the first three: their budgets fill the 9 minutes a lent GPU's 10 leave; README, "The GPU check").
+seed (by default the first three: their budgets fill the 9 minutes a lent GPU's 10 leave; docs/gpu.md).
 
     bash scripts/gpu_check.sh OUT                      # on the GPU node, in the checkout (after the wheelhouse install)
     bash scripts/gpu_check.sh OUT --parts table2       # one part
@@ -51,7 +51,7 @@ PARTS = {
 }
 TABLES = ("methods", "table2")  # the parts that run a table's gpu profile through the table runner
 DEFAULT_PARTS = ("methods", "layer", "merge")  # 540 s of budgets in a 600 s call
-# each part's time budget on a GPU (README: what one lent GPU's 10 minutes hold); a dry run has none unless given
+# each part's time budget on a GPU (docs/gpu.md: what one lent GPU's 10 minutes hold); a dry run has none unless given
 BUDGETS_S = {"methods": 480.0, "layer": 40.0, "merge": 20.0, "table2": 480.0}
 # a dry run's cells, unless --cells names them: each table's first cells at its first learning rate
 DRY_CELLS = {"methods": ["lora-r8", "mora-r8", "hira-r8"], "table2": ["fft", "lora-r8", "mora-r8"]}
