@@ -18,6 +18,7 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator
 
 from mora.config import TaskSettings, setting
+from mora.tasks import build_task, recipe
 from mora.tasks.data import Example, collate
 from mora.tasks.probes import evaluate_named, named
 
@@ -54,6 +55,8 @@ def split(global_batch: int, shares: Mapping[str, float]) -> dict[str, int]:
 
 
 class MixtureTask:
+    """The parts' batches side by side (each part's share of a global batch), their evaluations by name."""
+
     def __init__(self, name: str, parts: Mapping[str, Any], shares: Mapping[str, float], tokenizer: Any) -> None:
         self.name, self.parts, self.shares, self.tokenizer = name, dict(parts), dict(shares), tokenizer
         hashes = [[n, part.data_hash, self.shares[n]] for n, part in self.parts.items()]
@@ -76,14 +79,10 @@ class MixtureTask:
 
 
 def tokenizer(cfg: Mapping[str, Any]) -> Any:
-    from mora.tasks import recipe
-
     first = next(iter(named(cfg["parts"]).values()))
     return recipe(first).tokenizer(first)
 
 
 def build(cfg: Mapping[str, Any], tokenizer: Any) -> MixtureTask:
-    from mora.tasks import build_task
-
     parts = {name: build_task(section, tokenizer) for name, section in named(cfg["parts"]).items()}
     return MixtureTask(str(cfg["name"]), parts, dict(cfg["shares"]), tokenizer)
