@@ -29,6 +29,7 @@ import importlib.util
 import itertools
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -121,6 +122,30 @@ def cell_overrides(key: str, value: Any) -> list[str]:
     return [f"++{key}={_value(value)}" if key.count(".") > 1 else f"{key}={_value(value)}"]
 
 
+def literal(value: Any) -> str:
+    """A value as Hydra's override grammar reads it back unchanged: strings quoted (commas, brackets, colons and
+    "null" stay text), floats to the last digit."""
+    if isinstance(value, str):  # Hydra unescapes a backslash only before a quote: double those, then escape quotes
+        return "'" + re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'") + "'"
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ",".join(literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{literal(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def literal_overrides(key: str, value: dict[str, Any]) -> list[str]:
+    """`++key.leaf=literal` for every leaf of a mapping (an empty mapping: `++key={}`): a task section passed to the
+    cells as it was composed for the base."""
+    if isinstance(value, dict) and value:
+        return [o for k, v in value.items() for o in literal_overrides(f"{key}.{k}", v)]
+    return [f"++{key}={literal(value)}"]
+
+
 def search_points(cell: dict[str, Any]) -> list[dict[str, Any]]:
     """Every combination of the cell's `search` settings ({} when it has none)."""
     search = cell.get("search") or {}
@@ -157,7 +182,7 @@ def runs(
         base.overrides += [f"{k}={_value(v)}" for k, v in b.get("overrides", {}).items()]
         base.overrides += [*extra, f"run.dir={folder}"]
         if b.get("forgetting"):
-            probes = cell_overrides("task.probes", base_probes(base.overrides))
+            probes = literal_overrides("task.probes", base_probes(base.overrides))
     nested = len(spec["table"]["tasks"]) > 1
     out = []
     for task in tasks:

@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     from mora.cli import OneLineParser
 
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", type=Path, help="the folder for the result files (created; at most 8 files)")
+    parser.add_argument("out", type=Path, help="the folder for the result files (created; two per part and two)")
     parser.add_argument("--dry", action="store_true", help="CPU, tiny sizes, seconds")
     parser.add_argument(
         "--parts",
@@ -324,19 +324,19 @@ def main(argv: list[str] | None = None) -> int:
                 return (args.runs / table).resolve()
             return Path(tmp) / "runs" / table if args.dry else REPO_ROOT / "runs" / table / f"gpu-{env['commit'][:12]}"
 
-        def step(name: str) -> Callable[[], dict[str, Any]]:
+        def part_of(name: str) -> Callable[[], dict[str, Any]]:
             if name in TABLES:
                 return lambda: table_part(name, out, runs_of(name), Path(tmp), budgets[name], args.dry, args.cells)
             return lambda: run_part(name, commands[name], budgets[name])
 
-        steps = {name: step(name) for name in PARTS if name in args.parts}
+        steps = {name: part_of(name) for name in PARTS if name in args.parts}
         try:
             for name, step in steps.items():
                 parts[name] = step()
                 report()
                 if parts[name]["status"].startswith("stopped by"):
                     break
-        except Stopped as why:  # between parts, or while table2 wrote its files
+        except Stopped as why:  # between parts, or while a table part wrote its files
             parts.setdefault(name, {"status": f"stopped by {why}", "wall_s": None, "budget_s": None, "command": []})
     report()
     print((out / "gpu_check.md").read_text(), flush=True)

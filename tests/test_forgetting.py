@@ -3,6 +3,7 @@ evaluates but does not train on), the runner's `forgetting` base whose parts eve
 change from the base's scores, on a case with a known answer: an adapter that is a no-op forgets nothing."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from mora.training.run import run
 from tests.conftest import small_llama
 
 sys.path.insert(0, str(REPO_ROOT))
-from experiments.reproduce import compose_cfg, experiment, runs  # noqa: E402
+from experiments.reproduce import compose_cfg, experiment, literal_overrides, runs  # noqa: E402
 
 TEXT = {  # the fixture in C4's schema, in blocks of 32 characters
     "recipe": "c4",
@@ -122,6 +123,27 @@ def test_a_bad_sub_task_is_one_line_naming_its_full_key(section, line):
         check_sections(section)
 
 
+TRICKY = ["python_docs", "a, b", "train[:1%]", "null", "1", "", "it's", "a\\b", "end\\", "q\\'", "{x: 1}", "\n"]
+
+
+@pytest.mark.parametrize("value", [*TRICKY, 1, 2.5e-07, 0.1 + 0.2, True, None, ["\n", "x,y"], {}])
+def test_a_probe_section_reaches_the_cells_unchanged(value):
+    # the runner passes the base's parts to each cell as Hydra overrides: every leaf parses back to itself
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    (override,) = literal_overrides("task.probes.x", {"leaf": value})
+    assert override.startswith("++task.probes.x.leaf=")
+    assert OverridesParser.create().parse_override(override).value() == value
+
+
+def test_a_nested_probe_section_becomes_one_override_per_leaf():
+    assert literal_overrides("task.probes", {"t": {"source": {"path": "json", "name": None}, "eval": {}}}) == [
+        "++task.probes.t.source.path='json'",
+        "++task.probes.t.source.name=null",
+        "++task.probes.t.eval={}",
+    ]
+
+
 # the base and two cells, a few steps each (the runner's own overrides, steps shortened for every run)
 SHORT = ["train.steps=4", "train.eval_steps=[4]", "train.checkpoint_every=0"]
 
@@ -158,6 +180,11 @@ def test_a_no_op_adapter_forgets_nothing_and_fft_forgets_something(probed):
 @pytest.mark.slow
 def test_the_table_states_the_base_and_each_cells_change_from_it(probed, tmp_path):
     cells = experiment("methods", "tiny")["cells"]
+    # the fixture's learning rates are in no grid of the experiment: its table reports neither run
+    grid = write_results(probed, tmp_path / "grid", "tiny", cells)[0].read_text()
+    assert "| lora-r8 | lora-r8 | – |" in grid and "| fft | fft | – |" in grid
+    lrs = {"lora-r8": [1e-30], "fft": [1e-2]}  # grids that hold them
+    cells = [{**cell, "lrs": lrs.get(cell["name"], cell["lrs"])} for cell in cells]
     md, csv_path, _ = write_results(probed, tmp_path, "tiny", cells)
     table = md.read_text()
     assert "the base model scores pairs/char_acc" in table
@@ -170,12 +197,14 @@ def test_the_table_states_the_base_and_each_cells_change_from_it(probed, tmp_pat
     assert (tmp_path / "runs" / "tiny" / "base" / "summary.json").is_file()  # the base's record is kept
 
 
-def test_a_probe_sees_the_model_as_it_is(tmp_path):
-    """The probe's perplexity is the model's: a model whose output does not depend on its input scores the text's
-    character distribution, the same whatever the seed of the pairs."""
+def test_a_probe_scores_the_model_as_it_is():
+    """Through a task's probes, a model that predicts every token as equally likely scores the vocabulary's size as
+    the text's perplexity and its log as the pairs' loss: the known values, whatever the task trains on."""
     tokenizer = char_tokenizer("ascii")
     model = small_llama(vocab_size=len(tokenizer))
     with torch.no_grad():
-        model.lm_head.weight.zero_()  # uniform over the vocabulary: perplexity = vocabulary size
-    scores = build_task({"name": "t", **TEXT}, tokenizer).evaluate(model, 4)
-    assert scores["ppl"] == pytest.approx(len(tokenizer), rel=1e-5)
+        model.lm_head.weight.zero_()  # uniform over the vocabulary
+    task = build_task({**UUID, "alphabet": "ascii", "probes": {"text": TEXT, "pairs": PAIRS}}, tokenizer)
+    scores = task.evaluate(model, 4)
+    assert scores["text/ppl"] == pytest.approx(len(tokenizer), rel=1e-5)
+    assert scores["pairs/loss"] == pytest.approx(math.log(len(tokenizer)), rel=1e-6)

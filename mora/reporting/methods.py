@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,19 @@ def mean_acc(run: dict[str, Any]) -> float:
 
 def final(run: dict[str, Any], key: str) -> float:
     return float(evals(run)[-1][key])
+
+
+def in_grid(run: dict[str, Any], cells: list[dict[str, Any]]) -> bool:
+    """The base run, or a run at a learning rate of its cell's grid."""
+    if run["dir"].name == "base":
+        return True
+    names = sorted((c["name"] for c in cells), key=len, reverse=True)
+    name = next((n for n in names if run["dir"].name.startswith(n + "-lr")), None)
+    if name is None:
+        return False
+    lrs = next(c["lrs"] for c in cells if c["name"] == name)
+    lrs = [lr for grid in lrs.values() for lr in grid] if isinstance(lrs, dict) else lrs
+    return any(math.isclose(run["summary"]["lr"], lr, rel_tol=1e-9) for lr in lrs)
 
 
 def base_scores(runs: list[dict[str, Any]]) -> dict[str, float]:
@@ -192,7 +206,8 @@ def plot(path: Path, chosen: dict[str, list[dict[str, Any]]], profile: str, base
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
     methods = sorted({label(group[0]["summary"]) for group in chosen.values()})
     markers = dict(zip(methods, "osD^v<>phX*P8H", strict=False))
-    colours = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}  # distinct for up to 20 methods
+    # tab20's dark shades first, then the light ones: neighbours never share a hue (distinct for up to 20 methods)
+    colours = {m: plt.get_cmap("tab20")((2 * i) % 20 + (2 * i) // 20) for i, m in enumerate(methods)}
     for cell, group in chosen.items():
         s = group[0]["summary"]
         accs = [final(run, "eval/char_acc") for run in group]
@@ -230,6 +245,7 @@ def write_results(
     runs = gather(root, records)
     if not runs:
         raise ValueError(f"no finished runs under {root}: run `make reproduce-methods PROFILE={profile}` first")
+    runs = [run for run in runs if in_grid(run, cells)]  # a grid moved since: its old points are not reported
     chosen = best_points([run for run in runs if evals(run)], cells, mean_acc)
     base = base_scores(runs)
     out.mkdir(parents=True, exist_ok=True)
