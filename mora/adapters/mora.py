@@ -333,15 +333,24 @@ def _add_delta_no_grad_(out: Tensor, x: Tensor, M: Tensor, compression: str, tab
 _ALIGN_BYTES = 64
 
 
+def _pads(like: Tensor) -> bool:
+    # whether GEMM operands like this one get padded rows. Not reduced-precision floats on CPU: there torch 2.13's
+    # bf16 GEMM (oneDNN on CPUs with AVX512-BF16) reads an A operand's row padding into the result, so the
+    # uninitialised columns came out as NaN (LOG.md, 2026-12-04; tests/adapters/test_fused.py)
+    return not (like.device.type == "cpu" and like.dtype in (torch.bfloat16, torch.float16))
+
+
 def _aligned_empty(rows: int, cols: int, like: Tensor) -> Tensor:
-    # (rows, cols) view of an uninitialised buffer whose row stride is a multiple of _ALIGN_BYTES
+    # (rows, cols) view of an uninitialised buffer whose row stride is a multiple of _ALIGN_BYTES (where _pads)
+    if not _pads(like):
+        return like.new_empty(rows, cols)
     step = _ALIGN_BYTES // like.element_size()
     return like.new_empty(rows, -(-cols // step) * step)[:, :cols]
 
 
 def _ld_aligned(t: Tensor) -> Tensor:
-    # t (rows, cols) itself if its row stride is aligned, else an aligned copy
-    if t.stride(1) == 1 and (t.stride(0) * t.element_size()) % _ALIGN_BYTES == 0:
+    # t (rows, cols) itself if its row stride is aligned (or it needs none and is contiguous), else an aligned copy
+    if t.stride(1) == 1 and (not _pads(t) or (t.stride(0) * t.element_size()) % _ALIGN_BYTES == 0):
         return t
     return _aligned_empty(*t.shape, t).copy_(t)
 
