@@ -182,7 +182,19 @@ def check_folder(key: str, path: Path) -> None:
     """A folder that is one, or can be created: no file in its place or above it, and a place the system lets us
     write. Permissions alone do not say that (root passes every check; /proc and read-only mounts refuse anyway), so
     it is tried: a nameless temporary file in an existing folder, or the first missing folder on the way to it,
-    made and removed at once. Nothing is left behind."""
+    made and removed at once. Nothing is left behind. Runs checked side by side (the table runner's jobs) probe
+    the same missing folders: where one removes a folder the other had found, the other looks again."""
+    for _ in range(PROBE_ATTEMPTS):
+        if _probe_folder(key, path):
+            return
+    raise ConfigError(f"{key} {str(path)!r}: the folders above it kept vanishing while it was checked; try again")
+
+
+PROBE_ATTEMPTS = 100  # looks at a folder whose parents other processes' probes keep making and removing
+
+
+def _probe_folder(key: str, path: Path) -> bool:
+    """check_folder's one look: True when done, False where a folder on the way vanished meanwhile."""
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{key} {str(path)!r}: is a file, not a folder; give {key} a new or existing folder")
     first_missing = path
@@ -190,7 +202,9 @@ def check_folder(key: str, path: Path) -> None:
         first_missing = first_missing.parent
     parent = first_missing.parent if not path.exists() else path
     if not parent.is_dir():
-        raise ConfigError(f"{key} {str(path)!r}: lies under the file {parent}; give {key} a folder elsewhere")
+        if parent.exists():
+            raise ConfigError(f"{key} {str(path)!r}: lies under the file {parent}; give {key} a folder elsewhere")
+        return False  # removed since: another process's probe
     try:
         if path.exists():
             tempfile.TemporaryFile(dir=path).close()
@@ -201,10 +215,13 @@ def check_folder(key: str, path: Path) -> None:
     except FileExistsError:  # made by another process of the same run meanwhile
         pass
     except OSError as error:
+        if isinstance(error, FileNotFoundError) and not parent.is_dir():
+            return False  # the folder it was made in (or tried) was removed meanwhile
         raise ConfigError(
             f"{key} {str(path)!r}: cannot be {'written' if path.exists() else 'created'} ({error.strerror}); give "
             f"{key} a writable place"
         ) from None
+    return True
 
 
 def _line(error: Mapping[str, Any], root: type[BaseModel] | None = None, prefix: str = "") -> str:

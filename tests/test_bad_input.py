@@ -193,3 +193,23 @@ def test_wandb_on_without_wandb_installed_stops_before_anything_is_written(tmp_p
     line = "error: wandb.mode=offline but wandb is not installed; pip install wandb, or set wandb.mode=disabled "
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [line + "(WANDB_MODE=disabled)"]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_that_another_runs_probe_removes_meanwhile_is_looked_at_again(tmp_path, monkeypatch):
+    # the table runner's jobs check sibling run folders side by side, each making and removing the first missing
+    # folder on its way: this one finds runs/, the other's probe removes it before this one makes runs/table3
+    from mora import config
+
+    (tmp_path / "runs").mkdir()
+    made = []
+    mkdir = os.mkdir
+
+    def after_the_other_removed_runs(path, *args):
+        if not made:
+            (tmp_path / "runs").rmdir()
+        made.append(Path(path))
+        return mkdir(path, *args)
+
+    monkeypatch.setattr(config.os, "mkdir", after_the_other_removed_runs)
+    config.check_folder("run.dir", tmp_path / "runs" / "table3" / "lora-s7")  # no error: it looked again
+    assert made == [tmp_path / "runs" / "table3", tmp_path / "runs"] and not (tmp_path / "runs").exists()
