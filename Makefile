@@ -33,7 +33,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-fast lint reproduce-table1 reproduce-table2 reproduce-table2-regime reproduce-table3 reproduce-table4 reproduce-methods budgets rehearse smoke prefetch bench inspect wheelhouse gpu-check clean
+.PHONY: help install test test-fast lint reproduce-table1 reproduce-table2 reproduce-table2-regime reproduce-table3 reproduce-table3-regime reproduce-table4 reproduce-methods budgets rehearse smoke prefetch bench inspect wheelhouse gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-20s %s\n", $$1, $$2}'
@@ -72,6 +72,10 @@ reproduce-table2-regime: $(STAMP) ## Table 2's regime sweep on CPU (3 widths, SE
 
 reproduce-table3: $(STAMP) ## Table 3, Figs. 4-5 (C4 pretraining from scratch): PROFILE=tiny|paper, SEEDS="0 1 2" (paper: 42) -> results/table3/
 	$(PY) experiments/reproduce.py table3 $(REPRODUCE_ARGS) --seeds $(TABLE_SEEDS)
+
+reproduce-table3-regime: $(STAMP) ## Table 3's regime sweep on CPU (length, width, ablations): each grid on seed 0, seed 1 at its best -> results/table3/regime/
+	$(PY) experiments/reproduce.py table3_regime $(REPRODUCE_ARGS) --seeds 0
+	$(PY) experiments/reproduce.py table3_regime $(REPRODUCE_ARGS) --seeds 1 --at-best-of 0
 
 reproduce-table4: $(STAMP) ## Table 4 (MoRA's operators at two ranks): PROFILE=tiny|paper, SEEDS="0 1 2" (paper: 42) -> results/table4/
 	$(PY) experiments/reproduce.py table4 $(REPRODUCE_ARGS) --seeds $(TABLE_SEEDS)

@@ -48,6 +48,8 @@ from omegaconf.errors import OmegaConfBaseException
 from mora.cli import OneLineParser
 from mora.config import one_line
 from mora.paths import CONFIG_DIR, REPO_ROOT
+from mora.reporting.common import best_points, gather
+from mora.reporting.common import point as point_of
 from mora.training.run import config_hash, validate
 
 if str(REPO_ROOT) not in sys.path:  # run as a script: experiments.rehearsal, as when imported
@@ -205,6 +207,24 @@ def runs(
                 overrides += [*extra, f"run.dir={folder}"]
                 out.append(Run(task, cell["name"], lr, seed, folder, overrides, cell.get("launcher")))
     return out, base
+
+
+def at_best(
+    todo: list[Run], seed: int, reporter: Any, done: list[dict[str, Any]], cells: list[dict[str, Any]]
+) -> list[Run]:
+    """The runs of `todo` at each cell's best point (learning rate and search point) among its finished runs of
+    `seed`, by the reporter's TUNING_SCORE; a cell with no such run stops the command in one line."""
+    if not hasattr(reporter, "TUNING_SCORE"):
+        raise ValueError(f"--at-best-of needs a reporter that says how runs are scored; {reporter.__name__} does not")
+    of_seed = [r for r in done if r["summary"]["seed"] == seed]
+    best = {cell: point_of(group[0]) for cell, group in best_points(of_seed, cells, *reporter.TUNING_SCORE).items()}
+    missing = sorted({r.cell for r in todo} - set(best))
+    if missing:
+        raise ValueError(
+            f"--at-best-of {seed}: cells {missing} have no finished run of seed {seed}; run them with --seeds {seed} "
+            "first"
+        )
+    return [r for r in todo if r.folder.name.rsplit("-s", 1)[0] == best[r.cell]]
 
 
 def base_probes(overrides: list[str]) -> dict[str, Any]:
@@ -464,6 +484,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--one-point", action="store_true", help="each cell's first learning rate and search point")
     parser.add_argument(
+        "--at-best-of",
+        type=int,
+        metavar="SEED",
+        help="each cell only at the learning rate (and search point) where its finished runs of SEED score best: "
+        "a grid tuned on one seed, the other seeds at its best (tables whose reporter has a TUNING_SCORE)",
+    )
+    parser.add_argument(
         "--submit", choices=SUBMITTERS, help="each run a job on one node through submitit: slurm, or local to test"
     )
     parser.add_argument(
@@ -541,6 +568,12 @@ def main(argv: list[str] | None = None) -> int:
     def launch(run: Run) -> list[str]:
         return launch_overrides(run, launcher, args.nproc)
 
+    if args.at_best_of is not None:
+        try:
+            todo = at_best(todo, args.at_best_of, reporter, gather(root, records), spec["cells"])
+        except ValueError as error:
+            print(f"error: {one_line(error)}", file=sys.stderr)
+            return 2
     todo = [r for r in todo if not finished(r, root, launch(r)) and not recorded(r, root, records, launch(r))]
     if base is not None:
         recorded(base, root, records, launch(base))  # the kept cells started from this base, or stop

@@ -55,6 +55,7 @@ class Train(Section):
     steps: int | None = setting(default=None, hint="a positive number of steps (or train.epochs)", gt=0)
     epochs: float | None = setting(default=None, hint="a positive number of epochs, or null", gt=0)
     weight_decay: float = setting("a number >= 0", ge=0)
+    modules_to_save_lr: float | None = setting(default=None, hint="a positive number, or null (train.lr)", gt=0)
     max_grad_norm: float | None = setting(default=None, hint="a number >= 0 (0 or null: no clipping)", ge=0)
     log_every: int = setting("a positive number of steps", gt=0)
     eval_steps: list[Annotated[int, Field(gt=0)]] = setting(

@@ -1,5 +1,6 @@
 """The one prepared check for a single GPU (about 10 minutes): environment, then the parts chosen (`--parts`), each
 in the order of PARTS, what has never run on a GPU first: the methods comparison's `gpu` profile for one seed,
+Table 3's `gpu` profile (pretraining from scratch, not among the default parts: it takes a lent GPU's call alone),
 per-layer and merge benchmarks in bf16 at LLaMA-7B's shapes with CUDA-event timing, Table 2's `gpu` profile for one
 seed (by default the first three: their budgets fill the 9 minutes a lent GPU's 10 leave; docs/gpu.md).
 
@@ -10,13 +11,13 @@ seed (by default the first three: their budgets fill the 9 minutes a lent GPU's 
 It writes two files per part and two of its own into OUT and no folders, each stamped with the commit and the
 device, so that they are easy to collect from a remote node: gpu_check.json / .md (environment, every part's status
 and time), layer.json / .md (base, LoRA r = 8 / 256, MoRA sharing / rope at r = 8 / 256: forward and forward +
-backward), merge.json / .md (merging MoRA into the weight), methods.json / .md and table2.json / .md (every run of
-the table's `gpu` profile and the table). Each part runs in its own process group with its own time budget
-(--methods-s, --layer-s, --merge-s, --table2-s); a part stopped at its budget keeps what it wrote so far (the
-benchmarks rewrite their files after every case; a table's json is rewritten every 10 s with the runs so far, and
-the table is made from the runs that finished). SIGTERM / SIGINT stop the running part's process group and write the
-report. A table's runs lie in runs/<table>/gpu-<commit>, so a second call at one commit resumes. MORA_COMMIT, where
-set, names the commit a copied checkout came from.
+backward), merge.json / .md (merging MoRA into the weight), methods.json / .md, table3.json / .md and table2.json /
+.md (every run of the table's `gpu` profile and the table). Each part runs in its own process group with its own
+time budget (--methods-s, --table3-s, --layer-s, --merge-s, --table2-s); a part stopped at its budget keeps what it
+wrote so far (the benchmarks rewrite their files after every case; a table's json is rewritten every 10 s with the
+runs so far, and the table is made from the runs that finished). SIGTERM / SIGINT stop the running part's process
+group and write the report. A table's runs lie in runs/<table>/gpu-<commit>, so a second call at one commit
+resumes. MORA_COMMIT, where set, names the commit a copied checkout came from.
 """
 
 from __future__ import annotations
@@ -45,16 +46,21 @@ POLL_S = 10.0  # how often a running part's progress files are rewritten
 # the parts in the order a check runs them: what has never run on a GPU first
 PARTS = {
     "methods": "the methods comparison, gpu profile (never run on a GPU)",
+    "table3": "Table 3, gpu profile: pretraining the 250M architecture from scratch (never run on a GPU)",
     "layer": "the per-layer benchmark",
     "merge": "the merge benchmark",
     "table2": "Table 2, gpu profile (on an H200, 2026-11-30)",
 }
-TABLES = ("methods", "table2")  # the parts that run a table's gpu profile through the table runner
+TABLES = ("methods", "table3", "table2")  # the parts that run a table's gpu profile through the table runner
 DEFAULT_PARTS = ("methods", "layer", "merge")  # 540 s of budgets in a 600 s call
 # each part's time budget on a GPU (docs/gpu.md: what one lent GPU's 10 minutes hold); a dry run has none unless given
-BUDGETS_S = {"methods": 480.0, "layer": 40.0, "merge": 20.0, "table2": 480.0}
+BUDGETS_S = {"methods": 480.0, "table3": 540.0, "layer": 40.0, "merge": 20.0, "table2": 480.0}
 # a dry run's cells, unless --cells names them: each table's first cells at its first learning rate
-DRY_CELLS = {"methods": ["lora-r8", "mora-r8", "hira-r8"], "table2": ["fft", "lora-r8", "mora-r8"]}
+DRY_CELLS = {
+    "methods": ["lora-r8", "mora-r8", "hira-r8"],
+    "table3": ["lora", "mora"],
+    "table2": ["fft", "lora-r8", "mora-r8"],
+}
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "hydra-core", "omegaconf", "numpy")
 # a dry run's tables: the gpu profile's configs and runner at a size a CPU does in seconds
 DRY_SIZES = [
@@ -63,7 +69,6 @@ DRY_SIZES = [
     "model.config.num_hidden_layers=1",
     "model.config.num_attention_heads=2",
     "model.config.num_key_value_heads=2",
-    "task.n_pairs=8",
     "train.global_batch=4",
     "train.micro_batch=4",
     "train.steps=2",
@@ -71,6 +76,13 @@ DRY_SIZES = [
     "train.log_every=1",
     "train.mixed_precision=null",
 ]
+# and each table's task at such a size (Table 3: the python_docs corpus, read in seconds, for package_docs)
+DRY_TASK_SIZES = {
+    "methods": ["task.n_pairs=8"],
+    "table2": ["task.n_pairs=8"],
+    "table3": ["task.source.path=python_docs", "task.eval_source.path=python_docs", "task.vocab_size=512"]
+    + ["task.block_size=32", "task.train_tokens=4096", "task.eval.tokens=1024"],
+}
 
 
 def environment(dry: bool) -> dict[str, Any]:
@@ -213,7 +225,9 @@ def table_part(
         cells = [c for c in cells if c in {cell["name"] for cell in experiment(table, "gpu")["cells"]}]
     cells = cells or (DRY_CELLS[table] if dry else None)
     cmd += ["--cells", *cells] if cells else []
-    cmd += ["--one-point", "--set", *DRY_SIZES] if dry else []  # dry: each cell at its first learning rate
+    cmd += (
+        ["--one-point", "--set", *DRY_SIZES, *DRY_TASK_SIZES[table]] if dry else []
+    )  # dry: each cell at its first learning rate
     print(f"== {table} runs in {runs}", flush=True)
 
     def progress() -> None:
@@ -229,7 +243,8 @@ def table_part(
 
         spec = experiment(table, "gpu")
         reporter = importlib.import_module(f"mora.reporting.{spec['table']['layout']}")
-        md = reporter.write_results(runs, scratch / table / "report", "gpu", spec["cells"])[0]  # plot: if matplotlib
+        report = scratch / table / "report"  # plots too, where matplotlib is installed
+        md = reporter.write_results(runs, report, "gpu", spec["cells"], spec["table"]["tasks"])[0]
         shutil.copy(md, out / f"{table}.md")
     else:
         (out / f"{table}.md").write_text(f"# {table}, gpu profile\n\nNo run finished within the budget.\n")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (scripts/gpu_check.py says what it runs and writes):
-#   bash scripts/gpu_check.sh OUT [--dry] [--parts methods layer merge table2] [--cells ...] [--runs DIR]
-#                                 [--methods-s S] [--layer-s S] [--merge-s S] [--table2-s S]
+#   bash scripts/gpu_check.sh OUT [--dry] [--parts methods table3 layer merge table2] [--cells ...] [--runs DIR]
+#                                 [--methods-s S] [--table3-s S] [--layer-s S] [--merge-s S] [--table2-s S]
 # Offline by design: nothing is downloaded; the project's .venv is used where there is one, else python3 (a GPU node
 # with its own torch, after `python -m pip install --no-index --find-links wheelhouse -r wheelhouse/requirements.txt`).
 set -euo pipefail

@@ -47,17 +47,17 @@ def test_every_composition_validates(experiment, profile, adapter):
 
 @pytest.mark.parametrize(
     ("task", "profile"),
-    [(t, p) for t in TASKS for p in ("tiny", "paper") if (t, p) != ("uuid_text", "paper")] + [("uuid", "gpu")],
-)  # the gpu profile is Table 2's alone; uuid_text is the tiny methods comparison's base (the paper's: LLaMA-2-7B)
+    [(t, p) for t in TASKS for p in ("tiny", "paper") if (t, p) != ("uuid_text", "paper")]
+    + [("uuid", "gpu"), ("c4", "gpu")],
+)  # the gpu profile: Table 2's and Table 3's; uuid_text is the tiny methods comparison's base (the paper's: LLaMA-2-7B)
 def test_every_task_has_settings_for_every_profile(task, profile):
-    scratch = task == "c4" and profile == "paper"  # pretraining from scratch names its model (llama_250m / llama_1b)
+    scratch = task == "c4" and profile != "tiny"  # pretraining from scratch names its model (llama_250m / llama_1b)
     cfg = _compose(f"profile={profile}", f"task={task}", *(["model=llama_250m"] if scratch else []))
     validate(cfg, 8 if profile == "paper" else 1)
     assert (CONFIG_DIR / "task_profile" / f"{task}_{profile}.yaml").is_file()
-    if task == "c4":  # perplexity on held-out blocks: the local python_docs corpus on tiny, C4 on the paper's
-        assert (
-            cfg.task.source.path == cfg.task.eval_source.path == ("python_docs" if profile == "tiny" else "allenai/c4")
-        )
+    if task == "c4":  # perplexity on held-out blocks: local corpora on tiny and gpu, C4 on the paper's
+        corpus = {"tiny": "python_docs", "gpu": "package_docs", "paper": "allenai/c4"}[profile]
+        assert cfg.task.source.path == cfg.task.eval_source.path == corpus
     elif task not in ("uuid", "uuid_text"):
         assert cfg.task.eval.source == ("fixture" if profile == "tiny" else "hub")
         local = cfg.task.source.path == "json"

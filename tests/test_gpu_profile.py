@@ -1,6 +1,6 @@
-"""Table 2's one-GPU profile and the prepared GPU check, kept from rotting on CPU: the profile composes to the sizes
-its config states (model, ratios), its runs go through the launcher, it trains two steps here, and
-scripts/gpu_check.sh --dry writes its files."""
+"""Table 2's and Table 3's one-GPU profiles and the prepared GPU check, kept from rotting on CPU: each profile
+composes to the sizes its config states (model, ratios, tokens), its runs go through the launcher, it trains two
+steps here, and scripts/gpu_check.sh --dry writes its files."""
 
 import json
 import os
@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from mora.adapters.build import build_adapter
 from mora.models import build_model
@@ -78,11 +79,53 @@ def test_the_gpu_profile_trains_two_steps_on_cpu(tmp_path):
     assert [e["step"] for e in summary["evals"]] == [2]
 
 
+def _table3(*overrides):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=["profile=gpu", "experiment=table3", "task=c4", *overrides])
+
+
+def test_table3s_gpu_profile_is_the_250m_architecture_at_the_papers_rank_with_the_figures_its_config_states(capsys):
+    from experiments.reproduce import main
+
+    assert main(["table3", "--profile", "gpu", "--seeds", "0", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all("profile=gpu" in line and "model=llama_250m" in line for line in lines)
+    assert all("launcher=" not in line for line in lines)  # one process a run, ReLoRA / ReMoRA included
+    cfg = _table3("adapter=mora", "adapter.r=128", "adapter.compression=sharing", "model=llama_250m")
+    t, task = cfg.train, cfg.task
+    assert (cfg.model.dtype, t.mixed_precision, t.global_batch, t.micro_batch) == ("float32", "bf16", 64, 64)
+    assert task.source.path == task.eval_source.path == "package_docs" and task.vocab_size == 32000
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model["config"]["vocab_size"] = task.vocab_size  # a model built from config gets the BPE's vocabulary
+    built = build_model(model, meta=True)
+    assert round(sum(p.numel() for p in built.parameters()) / 1e6, 1) == 247.4  # the config's 247 M
+    assert t.steps * t.global_batch * task.block_size == 3_932_160  # its 3.9 M tokens
+    assert (t.warmup, t.eval_steps[-1], len(t.eval_steps)) == (t.steps // 10, t.steps, 5)
+    relora = _table3("adapter=relora", "adapter.r=128", "model=llama_250m", "adapter.restart.every=24")
+    assert relora.adapter.restart.every * 5 == t.steps
+
+
+@pytest.mark.slow
+def test_table3s_gpu_profile_trains_two_steps_on_cpu(tmp_path):
+    # the profile's width, heads and rank (r = 128 of 768, MoRA sharing, embeddings and head trained), 2 of its 24
+    # layers, python_docs in place of package_docs (a minute to build), a batch of 2 blocks, float32 (see above)
+    overrides = ["adapter=mora", "adapter.r=128", "adapter.compression=sharing", "model=llama_250m"]
+    overrides += ["model.config.num_hidden_layers=2", "task.source.path=python_docs"]
+    overrides += ["task.eval_source.path=python_docs", "task.vocab_size=2048", "task.eval.tokens=2048"]
+    overrides += ["train.mixed_precision=null", "train.global_batch=2", "train.micro_batch=2", "train.steps=2"]
+    overrides += ["train.warmup=1", "train.eval_steps=[2]", "train.progress=false", "wandb.mode=disabled"]
+    summary = run(_table3(*overrides, f"run.dir={tmp_path / 'run'}"))
+    assert summary["status"] == "finished" and summary["steps"] == 2 and summary["model"] == "llama_250m"
+    assert summary["tokens"] == 2 * 2 * 512 and 1 < summary["evaluation"]["scores"]["ppl"] < 1e5
+    assert set(summary["spectrum"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"}
+
+
 @pytest.mark.slow
 def test_gpu_check_dry_writes_its_files_on_cpu(tmp_path):
     out = tmp_path / "out"
-    parts = ["table2", "merge", "layer", "methods"]  # every part; run in the order of gpu_check.PARTS
-    cmd = ["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh"), str(out), "--dry", "--cells", "mora-r8", "--parts"]
+    parts = ["table2", "merge", "layer", "table3", "methods"]  # every part; run in the order of gpu_check.PARTS
+    cells = ["--cells", "mora-r8", "mora"]  # each table part runs the cells it has
+    cmd = ["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh"), str(out), "--dry", *cells, "--parts"]
     env = {k: v for k, v in os.environ.items() if k != "MORA_COMMIT"} | {"PYTHON": sys.executable}
     result = subprocess.run([*cmd, *parts], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -92,9 +135,9 @@ def test_gpu_check_dry_writes_its_files_on_cpu(tmp_path):
     check = json.loads((out / "gpu_check.json").read_text())
     assert check["environment"]["dry"] and len(check["environment"]["commit"]) == 40
     assert {name: part["status"] for name, part in check["parts"].items()} == dict.fromkeys(
-        ("methods", "layer", "merge", "table2"), "finished"
+        ("methods", "table3", "layer", "merge", "table2"), "finished"
     )
-    assert list(check["parts"]) == ["methods", "layer", "merge", "table2"]
+    assert list(check["parts"]) == ["methods", "table3", "layer", "merge", "table2"]
     methods = json.loads((out / "methods.json").read_text())["runs"]
     assert {r["run"] for r in methods} == {"base", "mora-r8-lr0.003-s0"}
     assert "| MoRA (rope) | mora-r8 | 8 |" in (out / "methods.md").read_text()
@@ -102,6 +145,9 @@ def test_gpu_check_dry_writes_its_files_on_cpu(tmp_path):
     variants = {row["variant"] for row in layer["rows"]}
     assert variants == {"base", "lora r=2", "lora r=8", "sharing r=2", "sharing r=8", "rope r=2", "rope r=8"}
     assert layer["machine"]["commit"] == check["environment"]["commit"]
+    pretraining = json.loads((out / "table3.json").read_text())["runs"]
+    assert [(r["run"], r["status"]) for r in pretraining] == [("mora-lr0.0005-s0", "finished")]
+    assert "| MoRA | 28.54 | 25.25 |" in (out / "table3.md").read_text()
     runs = json.loads((out / "table2.json").read_text())["runs"]
     assert {r["run"] for r in runs} == {"base", "mora-r8-lr0.001-s0"}  # dry: the cell's first learning rate
     assert all(r["status"] == "finished" and r["startup_s"] > 0 for r in runs)

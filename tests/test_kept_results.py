@@ -19,6 +19,7 @@ TABLES = {
     "table3": ("results/table3", ["--cells", "mora", "--seeds", "2"]),
     "table4": ("results/table4", ["--cells", "rope-r8", "--seeds", "0"]),
     "table2_regime_w64": ("results/table2/regime", ["--cells", "mora-r8", "--seeds", "0", "1"]),
+    "table3_regime": ("results/table3/regime", ["--cells", "lora-w48-s300", "--seeds", "0"]),
 }
 
 

@@ -49,10 +49,29 @@ class Adapted:
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
-    def optimizer(self, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)):
-        """AdamW over the trainable parameters; LoRA+ puts lr * ratio on B (PEFT's LoRA+ optimizer)."""
+    def optimizer(
+        self,
+        lr: float,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        saved_lr: float | None = None,
+    ):
+        """AdamW over the trainable parameters; LoRA+ puts lr * ratio on B (PEFT's LoRA+ optimizer). `saved_lr`:
+        the modules trained whole beside the adapter (PEFT's modules_to_save: embeddings, norms, head) in a group
+        of their own at that LR (the schedule scales both groups alike)."""
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
+        if saved_lr is not None:
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            saved = [p for n, p in named if ".modules_to_save." in n]
+            if not saved or self.method == "loraplus":
+                raise ValueError(
+                    f"a learning rate for the modules to save ({saved_lr}) needs adapter.modules_to_save, and "
+                    "a method with one group (not loraplus)"
+                )
+            rest = [p for n, p in named if ".modules_to_save." not in n]
+            groups = [{"params": rest, "lr": lr}, {"params": saved, "lr": saved_lr}]
+            return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=betas)
         if self.method == "loraplus":
             optimizer = create_loraplus_optimizer(
                 self.model,

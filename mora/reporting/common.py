@@ -51,8 +51,11 @@ def best_points(
     cells: list[dict[str, Any]],
     score: Callable[[dict[str, Any]], float],
     lower_is_better: bool = False,
+    tuned: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Per cell, the runs (all seeds) of the point with the best mean score over seeds."""
+    """Per cell, the runs (all seeds) of the point with the best mean score over seeds. `tuned`: where a cell's
+    grid ran on its first seed alone and the other seeds only at that seed's best point (the runner's
+    --at-best-of), the point is chosen by the first seed's score, so that one seed elsewhere cannot outbid it."""
     names = sorted((c["name"] for c in cells), key=len, reverse=True)  # lora-r8 must not claim loraplus-r8's runs
     by_cell: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
@@ -64,7 +67,17 @@ def best_points(
         return statistics.mean(score(r) for r in group)
 
     pick = min if lower_is_better else max
-    return {cell: pick(points.values(), key=mean) for cell, points in by_cell.items()}
+    chosen = {}
+    for cell, points in by_cell.items():
+        seeds = [{r["summary"]["seed"] for r in group} for group in points.values()]
+        first = min(set.union(*seeds))
+        if tuned and any(s != seeds[0] for s in seeds):
+            runs_of_first = {p: [r for r in g if r["summary"]["seed"] == first] for p, g in points.items()}
+            best = pick((p for p, g in runs_of_first.items() if g), key=lambda p: mean(runs_of_first[p]))
+            chosen[cell] = points[best]
+        else:
+            chosen[cell] = pick(points.values(), key=mean)
+    return chosen
 
 
 def mean_std(values: list[float], digits: int = 1) -> str:

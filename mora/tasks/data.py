@@ -22,11 +22,11 @@ from typing import Any
 import torch
 
 from mora.models import MissingAssetError
-from mora.paths import REPO_ROOT
+from mora.paths import REPO_ROOT, cache_root
 
 IGNORE = -100
 LOCAL_BUILDERS = ("json", "text", "csv", "parquet", "arrow")
-BUILTIN_SOURCES = ("python_docs",)  # corpora read from this machine's Python (mora/tasks/corpus.py)
+BUILTIN_SOURCES = ("python_docs", "package_docs")  # corpora read from this machine's install: mora/tasks/corpus.py
 
 
 @dataclass
@@ -103,9 +103,9 @@ def load_source(source: Mapping[str, Any], what: str, streaming: bool = False):
     if not path:
         raise ValueError(f"{what}: task.source.path is not set; name a hub dataset or a builder (json, text)")
     if path in BUILTIN_SOURCES:
-        from mora.tasks.corpus import python_docs_split
+        from mora.tasks.corpus import corpus_split
 
-        raw = datasets.Dataset.from_list(python_docs_split(split))
+        raw = datasets.Dataset.from_list(corpus_split(path, split))
         return raw.to_iterable_dataset() if streaming else raw
     if path in LOCAL_BUILDERS:
         files = _resolve(source.get("data_files"))
@@ -132,9 +132,9 @@ def source_fingerprint(source: Mapping[str, Any], raw: Any) -> str:
     and the split, the same on every machine that cached the same revision."""
     h = hashlib.sha256()
     if source.get("path") in BUILTIN_SOURCES:
-        from mora.tasks.corpus import python_docs_split
+        from mora.tasks.corpus import corpus_split
 
-        h.update(json.dumps(python_docs_split(source.get("split") or "train")).encode())
+        h.update(json.dumps(corpus_split(source["path"], source.get("split") or "train")).encode())
     elif source.get("path") in LOCAL_BUILDERS:
         for path in sorted(_files(_resolve(source.get("data_files")))):
             h.update(path.name.encode())
@@ -149,10 +149,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MORA_DATA_CACHE", Path.home() / ".cache" / "mora-lab" / "data"))
 
 
 def cache_folder(key_parts: Mapping[str, Any], what: str) -> tuple[Path, str]:

@@ -51,7 +51,7 @@ from mora.training.restarts import Restarts, jagged_factor, restarts_of, schedul
 CHECKPOINT_STATE = "state.json"  # written last: a checkpoint folder without it is incomplete
 # train settings added after runs were recorded, at the value that keeps the earlier behaviour: left out of the
 # config hash, so that finished runs of earlier versions are still found
-NEUTRAL_TRAIN_SETTINGS = {"spectrum": False, "mixed_precision": None, "merge_check": False}
+NEUTRAL_TRAIN_SETTINGS = {"spectrum": False, "mixed_precision": None, "merge_check": False, "modules_to_save_lr": None}
 
 
 def world_size() -> int:
@@ -95,6 +95,13 @@ def validate(cfg: DictConfig, world: int = 1) -> None:
         raise ValueError(
             f"task.eval.limit={limit} is below the {world} processes: lm-eval gives each process its share of a "
             f"benchmark's documents, and a process with none fails; give task.eval.limit >= {world} or null"
+        )
+    saved_lr, method = t.get("modules_to_save_lr"), cfg.adapter.method
+    if saved_lr is not None and (method in ("fft", "loraplus") or not cfg.adapter.get("modules_to_save")):
+        why = {"fft": "trains every weight", "loraplus": "sets its own LR groups"}.get(method, "has none")
+        raise ValueError(
+            f"train.modules_to_save_lr={saved_lr} is the LR of adapter.modules_to_save, and adapter={method} {why}; "
+            "name the modules in adapter.modules_to_save (a method other than fft, loraplus) or set it to null"
         )
     if cfg.adapter.get("restart") is not None and deepspeed:
         raise ValueError(
@@ -402,7 +409,7 @@ def prepare(cfg: DictConfig, accelerator: Accelerator) -> Prepared:
     model = build_model(model_cfg, seed=cfg.seed)
     adapted = build_adapter(model, cfg.adapter, seed=cfg.seed)
     restarts = restarts_of(cfg.adapter)
-    optimizer = adapted.optimizer(lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = adapted.optimizer(lr=t.lr, weight_decay=t.weight_decay, saved_lr=t.get("modules_to_save_lr"))
     factor = lr_factor(cfg, steps, restarts.every if restarts else None, restarts.warmup if restarts else 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return Prepared(tokenizer, task, steps, model_cfg, adapted, restarts, optimizer, scheduler)
