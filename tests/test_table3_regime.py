@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from experiments.reproduce import Run, at_best, main, runs
+from experiments.reproduce import Run, at_best, experiment, main, runs
 from mora.adapters.build import build_adapter
 from mora.models import build_model
 from mora.paths import CONFIG_DIR
@@ -219,10 +219,11 @@ def test_a_reduced_sweep_runs_end_to_end_and_reports_ratios_along_width(tmp_path
         assert float(mora["ratio"]) == pytest.approx(float(mora["ppl"]) / float(lora["ppl"]), rel=1e-3)
         assert lora["ratio"] == "" and int(mora["steps"]) == 4 and float(mora["epochs"]) > 0
     assert (out / "regime.png").stat().st_size > 0 and (out / "loss.png").stat().st_size > 0
-    assert len(list((out / "runs" / "tiny").iterdir())) == 2 * len(cells)
+    grid = sum(len(c["lrs"]) for c in experiment("table3_regime", "tiny")["cells"] if c["name"] in cells)
+    assert len(list((out / "runs" / "tiny").iterdir())) == grid  # every cell's grid, seed 0
     # a second seed at each cell's best learning rate of seed 0: one run a cell, read beside seed 0's
     assert main([*head, "--seeds", "1", "--at-best-of", "0", *tail]) == 0
-    assert len(list((out / "runs" / "tiny").iterdir())) == 3 * len(cells)
+    assert len(list((out / "runs" / "tiny").iterdir())) == grid + len(cells)
     seeds = Counter(
         (r["point"], r["variant"], r["method"], r["lr"]) for r in csv.DictReader((out / "regime.csv").open())
     )
