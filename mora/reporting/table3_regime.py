@@ -210,7 +210,7 @@ def plot_longest(path: Path, rows: list[dict[str, Any]]) -> None:
         label = row["cell"]["label"]
         ax.plot(steps, [statistics.mean(c[s] for c in curves) for s in steps], color=COLOURS.get(label),
                 label=f"{label} ({row['cell']['point']}, LR {row['runs'][0]['summary']['lr']:g})")  # fmt: skip
-    ax.set(xlabel="step", ylabel="training loss", title="the longest runs of the sweep", ylim=(None, None))
+    ax.set(xlabel="step", ylabel="training loss", title="the longest runs of the sweep")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
