@@ -27,9 +27,9 @@ from bench.common import (  # noqa: E402
     run_case,
     write,
 )
+from mora.adapters.inplace import add_delta_weight_  # noqa: E402
 from mora.adapters.mora import (  # noqa: E402
     COMPRESSIONS,
-    add_delta_weight_,
     check_shapes,
     delta_weight,
     r_hat,

@@ -1,8 +1,9 @@
 """The one prepared check for a single GPU (about 10 minutes): environment, then the parts chosen (`--parts`), each
-in the order of PARTS, what has never run on a GPU first: the methods comparison's `gpu` profile for one seed,
-Table 3's `gpu` profile (pretraining from scratch, not among the default parts: it takes a lent GPU's call alone),
-per-layer and merge benchmarks in bf16 at LLaMA-7B's shapes with CUDA-event timing, Table 2's `gpu` profile for one
-seed (by default the first three: their budgets fill the 9 minutes a lent GPU's 10 leave; docs/gpu.md).
+in the order of PARTS, what has never run on a GPU first: the per-layer benchmark in bf16 at LLaMA-7B's shapes with
+CUDA-event timing (MoRA's compiled GPU path against its eager path and LoRA), the methods comparison's `gpu` profile
+for one seed, Table 3's `gpu` profile (pretraining from scratch, not among the default parts: it takes a lent GPU's
+call alone), the merge benchmark, Table 2's `gpu` profile for one seed (by default layer, merge and methods: their
+budgets fill the 9 minutes a lent GPU's 10 leave, the methods part cut at its budget; docs/gpu.md).
 
     bash scripts/gpu_check.sh OUT                      # on the GPU node, in the checkout (after the wheelhouse install)
     bash scripts/gpu_check.sh OUT --parts table2       # one part
@@ -10,8 +11,9 @@ seed (by default the first three: their budgets fill the 9 minutes a lent GPU's 
 
 It writes two files per part and two of its own into OUT and no folders, each stamped with the commit and the
 device, so that they are easy to collect from a remote node: gpu_check.json / .md (environment, every part's status
-and time), layer.json / .md (base, LoRA r = 8 / 256, MoRA sharing / rope at r = 8 / 256: forward and forward +
-backward), merge.json / .md (merging MoRA into the weight), methods.json / .md, table3.json / .md and table2.json /
+and time), layer.json / .md (base, LoRA r = 8 / 256, MoRA truncation / sharing / decouple / rope at r = 8 / 256
+on the compiled and the eager path: forward and forward + backward, and each variant's first call with its
+compilation), merge.json / .md (merging MoRA into the weight), methods.json / .md, table3.json / .md and table2.json /
 .md (every run of the table's `gpu` profile and the table). Each part runs in its own process group with its own
 time budget (--methods-s, --table3-s, --layer-s, --merge-s, --table2-s); a part stopped at its budget keeps what it
 wrote so far (the benchmarks rewrite their files after every case; a table's json is rewritten every 10 s with the
@@ -45,16 +47,19 @@ sys.path.insert(0, str(REPO_ROOT))
 POLL_S = 10.0  # how often a running part's progress files are rewritten
 # the parts in the order a check runs them: what has never run on a GPU first
 PARTS = {
+    "layer": "the per-layer benchmark: MoRA's compiled GPU path (never run on a GPU), its eager path and LoRA",
     "methods": "the methods comparison, gpu profile (never run on a GPU)",
     "table3": "Table 3, gpu profile: pretraining the 250M architecture from scratch (never run on a GPU)",
-    "layer": "the per-layer benchmark",
     "merge": "the merge benchmark",
     "table2": "Table 2, gpu profile (on an H200, 2026-11-30)",
 }
 TABLES = ("methods", "table3", "table2")  # the parts that run a table's gpu profile through the table runner
-DEFAULT_PARTS = ("methods", "layer", "merge")  # 540 s of budgets in a 600 s call
-# each part's time budget on a GPU (docs/gpu.md: what one lent GPU's 10 minutes hold); a dry run has none unless given
-BUDGETS_S = {"methods": 480.0, "table3": 540.0, "layer": 40.0, "merge": 20.0, "table2": 480.0}
+DEFAULT_PARTS = ("layer", "methods", "merge")  # 540 s of budgets in a 600 s call
+# each part's time budget on a GPU (docs/gpu.md: what one lent GPU's 10 minutes hold); a dry run has none unless given.
+# The layer part compiles 8 graphs (4 operators x 2 ranks) at 4096 -> 4096 first; the methods part needs about 470 s
+# for all ten methods (configs/experiment/methods.yaml), so among the defaults it stops after LoRA, MoRA and a few
+# others (alone: --parts methods --methods-s 480)
+BUDGETS_S = {"layer": 200.0, "methods": 320.0, "table3": 540.0, "merge": 20.0, "table2": 480.0}
 # a dry run's cells, unless --cells names them: each table's first cells at its first learning rate
 DRY_CELLS = {
     "methods": ["lora-r8", "mora-r8", "hira-r8"],
@@ -183,16 +188,18 @@ def bench_commands(out: Path, dry: bool) -> dict[str, list[str]]:
     py = sys.executable
     if dry:
         sizes = ["--device", "cpu", "--dtype", "float32", "--shapes", "64x96", "96x64", "--ranks", "2", "8"]
-        layer = [py, "bench/layer.py", *sizes, "--tokens", "1x16", "--repeats", "2", "--warmup", "1"]
+        # inductor on the CPU: the compiled path at one shape and rank (a few seconds a graph)
+        layer = [py, "bench/layer.py", *sizes[:4], "--shapes", "64x96", "--ranks", "8", "--tokens", "1x16"]
+        layer += ["--repeats", "2", "--warmup", "1", "--operators", "sharing", "rope"]
         merge = [py, "bench/merge.py", *sizes[:4], "--shapes", "64x96", "--ranks", "8", "--repeats", "2"]
     else:
         sizes = ["--device", "cuda", "--dtype", "bfloat16", "--ranks", "8", "256"]
         layer = [py, "bench/layer.py", *sizes, "--tokens", "1x2048", "8x2048", "--repeats", "30", "--warmup", "5"]
+        layer += ["--operators", "truncation", "sharing", "decouple", "rope"]
         merge = [py, "bench/merge.py", *sizes, "--repeats", "20"]
-    ops = ["--operators", "sharing", "rope"]
     return {
-        "layer": [*layer, *ops, "--baselines", "lora", "--name", "layer", "--out", str(out)],
-        "merge": [*merge, *ops, "--name", "merge", "--out", str(out)],
+        "layer": [*layer, "--paths", "compiled", "eager", "--baselines", "lora", "--name", "layer", "--out", str(out)],
+        "merge": [*merge, "--operators", "sharing", "rope", "--name", "merge", "--out", str(out)],
     }
 
 

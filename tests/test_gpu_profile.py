@@ -135,15 +135,18 @@ def test_gpu_check_dry_writes_its_files_on_cpu(tmp_path):
     check = json.loads((out / "gpu_check.json").read_text())
     assert check["environment"]["dry"] and len(check["environment"]["commit"]) == 40
     assert {name: part["status"] for name, part in check["parts"].items()} == dict.fromkeys(
-        ("methods", "table3", "layer", "merge", "table2"), "finished"
+        ("layer", "methods", "table3", "merge", "table2"), "finished"
     )
-    assert list(check["parts"]) == ["methods", "table3", "layer", "merge", "table2"]
+    assert list(check["parts"]) == ["layer", "methods", "table3", "merge", "table2"]
     methods = json.loads((out / "methods.json").read_text())["runs"]
     assert {r["run"] for r in methods} == {"base", "mora-r8-lr0.003-s0"}
     assert "| MoRA (rope) | mora-r8 | 8 |" in (out / "methods.md").read_text()
     layer = json.loads((out / "layer.json").read_text())
     variants = {row["variant"] for row in layer["rows"]}
-    assert variants == {"base", "lora r=2", "lora r=8", "sharing r=2", "sharing r=8", "rope r=2", "rope r=8"}
+    paths = ("compiled", "eager")
+    assert variants == {"base", "lora r=8", *(f"{op} r=8 {path}" for op in ("sharing", "rope") for path in paths)}
+    rows = {row["variant"]: row for row in layer["rows"]}
+    assert rows["rope r=8 compiled"]["path"] == "compiled" and rows["rope r=8 compiled"]["first_s"] > 0
     assert layer["machine"]["commit"] == check["environment"]["commit"]
     pretraining = json.loads((out / "table3.json").read_text())["runs"]
     assert [(r["run"], r["status"]) for r in pretraining] == [("mora-lr0.0005-s0", "finished")]
@@ -268,7 +271,7 @@ def test_a_dry_check_has_no_budgets_unless_given(monkeypatch, tmp_path):
     monkeypatch.setattr(gpu_check, "run_part", fake_part)
     monkeypatch.setattr(gpu_check, "table_part", fake_table)
     assert gpu_check.main([str(tmp_path / "a"), "--dry"]) == 0
-    assert seen == {"methods": None, "layer": None, "merge": None}  # the default parts
+    assert seen == {"layer": None, "methods": None, "merge": None}  # the default parts
     seen.clear()
     assert gpu_check.main([str(tmp_path / "b"), "--dry", "--merge-s", "7", "--parts", "table2", "merge"]) == 0
     assert list(seen.items()) == [("merge", 7.0), ("table2", None)]  # in the order of PARTS
@@ -278,7 +281,7 @@ def test_the_default_parts_fit_a_lent_gpus_call():
     from scripts import gpu_check
 
     # what has never run on a GPU first, and the default budgets leave a minute of a 600 s call for the rest
-    assert list(gpu_check.PARTS)[0] == "methods" and gpu_check.DEFAULT_PARTS[0] == "methods"
+    assert list(gpu_check.PARTS)[0] == "layer" and gpu_check.DEFAULT_PARTS[0] == "layer"
     assert sum(gpu_check.BUDGETS_S[p] for p in gpu_check.DEFAULT_PARTS) <= 540
 
 

@@ -5,7 +5,7 @@ in its own (..., d_in) buffer and autograd then adds it to the base layer's (a f
 layer and step), and the forward builds the adapter's output before adding it. Here the forward adds the adapter's
 output into the base output in place (`add_delta_`) and the backward adds its input gradient into the base layer's
 (`delta_vjp_`). Same numbers as the unfused layer, tested against it; the layer takes this path only where it is a
-plain frozen linear it may call directly (see `MoraLinear._fusable`).
+plain frozen linear it may call directly (see `MoraLinear._path`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mora.adapters.mora import add_delta_, delta_vjp_
+from mora.adapters.inplace import add_delta_, delta_vjp_
 
 
 class _FusedMoraLinear(torch.autograd.Function):

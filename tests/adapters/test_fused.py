@@ -7,9 +7,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from mora import MoraConfig
-from mora.adapters import mora as mora_math
+from mora.adapters import inplace
 from mora.adapters.fused import fused_mora_linear
-from mora.adapters.mora import VJP_COMPRESSIONS
+from mora.adapters.inplace import VJP_COMPRESSIONS
+from mora.adapters.mora import delta_weight
 from mora.adapters.peft_tuner import MoraLinear
 
 # (d_in, d_out, r): equal, in < out with tiled outputs, in > out with truncated ones, a wrapping last chunk
@@ -33,7 +34,7 @@ def _grads(layer, x, grad):
 
 def _unfused(layer, x, grad, monkeypatch):
     with monkeypatch.context() as patch:
-        patch.setattr(MoraLinear, "_fusable", lambda *args: None)
+        patch.setattr(MoraLinear, "_path", lambda *args: None)
         return _grads(layer, x, grad)
 
 
@@ -84,7 +85,7 @@ def test_fused_gpt2_conv1d_and_a_trained_bias(monkeypatch):
     assert type(out.grad_fn).__name__ == "_FusedMoraLinearBackward"
     got = torch.autograd.grad(out, (x, layer.mora_M["default"], conv.bias), grad)
     with monkeypatch.context() as patch:
-        patch.setattr(MoraLinear, "_fusable", lambda *args: None)
+        patch.setattr(MoraLinear, "_path", lambda *args: None)
         want = torch.autograd.grad(layer(x), (x, layer.mora_M["default"], conv.bias), grad)
     for a, b in zip(got, want, strict=True):
         assert torch.allclose(a, b, atol=1e-12)
@@ -191,9 +192,9 @@ def test_unfused_chunk_backward_under_an_autocast_region_computes_as_the_forward
     layer = _layer(compression, 64, 200, 4).float()
     x = torch.randn(300, 64, requires_grad=True)
     grad = torch.randn(300, 200)
-    monkeypatch.setattr(mora_math, "_batches_chunks", lambda x: batched)
+    monkeypatch.setattr(inplace, "_batches_chunks", lambda x: batched)
     with monkeypatch.context() as patch:
-        patch.setattr(MoraLinear, "_fusable", lambda *args: None)
+        patch.setattr(MoraLinear, "_path", lambda *args: None)
         out = layer(x)
     assert type(out.grad_fn).__name__ == "_AddChunkOutputsBackward"
     M = layer.mora_M["default"]
@@ -209,24 +210,24 @@ def test_the_in_place_paths_never_read_uninitialised_memory(compression, dtype, 
     # every buffer the operators allocate starts as NaN: a value that reaches the output or M's gradient was read
     # before it was written. Found in CPU bf16 sharing on torch 2.13 with AVX512-BF16: the GEMM read its A
     # operand's row padding (the whole quick rehearsal's ReMoRA cell went NaN at step 1)
-    allocate = mora_math._aligned_empty
+    allocate = inplace._aligned_empty
 
     def poisoned(rows, cols, like):
         buffer = allocate(rows, cols, like)
         return buffer.fill_(float("nan")) if buffer.is_floating_point() else buffer
 
-    monkeypatch.setattr(mora_math, "_aligned_empty", poisoned)
+    monkeypatch.setattr(inplace, "_aligned_empty", poisoned)
     torch.manual_seed(0)
     x = torch.randn(256, 64, dtype=dtype)
     size = 37 if compression in ("sharing", "truncation") else 36  # 64 = 37 + 27: a wrapping last chunk
     M = 0.1 * torch.randn(size, size, dtype=dtype)
-    dense = mora_math.delta_weight(M.double(), 64, 64, compression)  # (d_out, d_in)
+    dense = delta_weight(M.double(), 64, 64, compression)  # (d_out, d_in)
     got = torch.zeros(256, 64, dtype=dtype)
-    mora_math.add_delta_(got, x, M, compression, None)
+    inplace.add_delta_(got, x, M, compression, None)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), x.double() @ dense.T, atol=0.05 if dtype == torch.bfloat16 else 1e-4,
                                rtol=0.05 if dtype == torch.bfloat16 else 1e-4)  # fmt: skip
     if compression in VJP_COMPRESSIONS:
         grad_out = torch.randn(256, 64, dtype=dtype)
-        grad_M = mora_math.delta_vjp_(grad_out, x, M, compression, None, None, True)
+        grad_M = inplace.delta_vjp_(grad_out, x, M, compression, None, None, True)
         assert torch.isfinite(grad_M).all()

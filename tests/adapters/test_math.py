@@ -3,18 +3,20 @@
 import pytest
 import torch
 
-import mora.adapters.mora as mora_math
-from mora.adapters.mora import (
-    COMPRESSIONS,
-    OFFICIAL_TYPES,
+from mora.adapters import inplace
+from mora.adapters.inplace import (
     VJP_COMPRESSIONS,
     _rotates_input,
     _transposed_operand_is_slow,
     add_delta_,
     add_delta_weight_,
+    delta_vjp_,
+)
+from mora.adapters.mora import (
+    COMPRESSIONS,
+    OFFICIAL_TYPES,
     check_shapes,
     delta,
-    delta_vjp_,
     delta_weight,
     r_hat,
     rope_tables,
@@ -393,7 +395,7 @@ def test_vjp_refuses_operators_without_one():
 def test_batched_chunk_path_equals_delta_weight(compression, d_in, d_out, size, monkeypatch):
     # the GPU's path for rope / decouple (one bmm over all chunks, _batches_chunks), forced here on the CPU: the
     # no-grad forward, autograd through add_delta_ and delta_vjp_ into a gradient that already holds something
-    monkeypatch.setattr(mora_math, "_batches_chunks", lambda x: True)
+    monkeypatch.setattr(inplace, "_batches_chunks", lambda x: True)
     torch.manual_seed(17)
     M = torch.randn(size, size, dtype=torch.float64, requires_grad=True)
     x = torch.randn(4, 2, d_in, dtype=torch.float64).transpose(0, 1).requires_grad_()  # (2, 4, d_in), strided

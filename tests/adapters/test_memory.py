@@ -36,7 +36,7 @@ def test_saved_for_backward_is_at_most_loras_plus_tokens_times_r_hat(
     d_in, d_out, compression, dropout, fused, monkeypatch
 ):
     if not fused:  # the path DeepSpeed ZeRO-3, hooked layers and several adapters take
-        monkeypatch.setattr(MoraLinear, "_fusable", lambda *args: None)
+        monkeypatch.setattr(MoraLinear, "_path", lambda *args: None)
     torch.manual_seed(0)
     base = nn.Linear(d_in, d_out, bias=False).requires_grad_(False)
     x = torch.randn(4, 16, d_in, requires_grad=True)

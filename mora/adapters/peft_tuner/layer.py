@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,11 +13,10 @@ from peft.utils import resolve_quantization_backend
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from mora.adapters.compiled import compiled_mora_linear, wanted
 from mora.adapters.fused import fused_mora_linear
+from mora.adapters.inplace import VJP_COMPRESSIONS, add_delta_, add_delta_weight_
 from mora.adapters.mora import (
-    VJP_COMPRESSIONS,
-    add_delta_,
-    add_delta_weight_,
     check_shapes,
     delta_weight,
     r_hat,
@@ -195,9 +195,9 @@ class MoraLinear(nn.Module, MoraLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        fusable = self._fusable(x, args, kwargs)
-        if fusable is not None:
-            return self._fused_forward(x, fusable)
+        path = self._path(x, args, kwargs)
+        if path is not None:
+            return self._one_node_forward(x, *path)
         result = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
             if name not in self.mora_M:
@@ -208,13 +208,15 @@ class MoraLinear(nn.Module, MoraLayer):
             add_delta_(result, h, M, self.mora_compression[name], self._tables(name))
         return result
 
-    def _fusable(self, x: Tensor, args: tuple, kwargs: dict) -> str | None:
-        # The one active adapter, where base + adapter may run as one autograd node (mora.adapters.fused): training
-        # (autograd recording), an operator with a hand-written backward, and a plain frozen nn.Linear/Conv1D that
-        # nothing hooks (DeepSpeed ZeRO-3 and accelerate's offload gather weights in hooks), in x's dtype or under
-        # autocast (which computes the base layer in its dtype).
+    def _path(self, x: Tensor, args: tuple, kwargs: dict) -> tuple[str, Callable[..., Tensor]] | None:
+        # The one place a path is chosen: where base + adapter may run as one node, the adapter and the function
+        # that runs them, else None (the base layer, then add_delta_ per adapter). One node: the one active adapter
+        # on a plain frozen nn.Linear/Conv1D that nothing hooks (DeepSpeed ZeRO-3 and accelerate's offload gather
+        # weights in hooks), in x's dtype or under autocast (which computes the base layer in its dtype). Then the
+        # compiled reference math where MORA_COMPILE wants it (CUDA by default: mora.adapters.compiled), else, when
+        # training an operator with a backward by hand, the fused autograd node (mora.adapters.fused).
         names = [name for name in self.active_adapters if name in self.mora_M]
-        if len(names) != 1 or args or kwargs or not torch.is_grad_enabled():
+        if len(names) != 1 or args or kwargs:
             return None
         base = self.get_base_layer()
         weight = base.weight
@@ -226,27 +228,33 @@ class MoraLinear(nn.Module, MoraLayer):
             and not weight.requires_grad
         )
         dtype = _autocast_dtype(x)
-        fits = self.mora_compression[names[0]] in VJP_COMPRESSIONS and (
+        fits = (
             x.dtype == weight.dtype and (base.bias is None or base.bias.dtype == x.dtype)
             if dtype is None
             else x.dtype in (torch.float32, dtype)
         )
-        return names[0] if plain and fits else None
+        if not (plain and fits):
+            return None
+        if wanted(x.device):
+            return names[0], compiled_mora_linear
+        if torch.is_grad_enabled() and self.mora_compression[names[0]] in VJP_COMPRESSIONS:
+            return names[0], fused_mora_linear
+        return None
 
-    def _fused_forward(self, x: Tensor, name: str) -> Tensor:
+    def _one_node_forward(self, x: Tensor, name: str, run: Callable[..., Tensor]) -> Tensor:
         base = self.get_base_layer()
         weight, bias = base.weight.T if self.fan_in_fan_out else base.weight, base.bias  # weight (d_out, d_in)
         h = self.mora_dropout[name](x)  # x itself without dropout: its gradient then adds into the base layer's
         dtype = _autocast_dtype(x)
         if dtype is None:
             M = self.mora_M[name].to(x.dtype)
-            return fused_mora_linear(x, h, weight, bias, M, self.mora_compression[name], self._tables(name))
+            return run(x, h, weight, bias, M, self.mora_compression[name], self._tables(name))
         # as autocast runs the base layer: every input cast to its dtype (autograd casts the gradients back)
         cast = x.to(dtype)
         h = cast if h is x else h.to(dtype)
         weight, bias, M = weight.to(dtype), None if bias is None else bias.to(dtype), self.mora_M[name].to(dtype)
         with torch.autocast(x.device.type, enabled=False):
-            return fused_mora_linear(cast, h, weight, bias, M, self.mora_compression[name], self._tables(name))
+            return run(cast, h, weight, bias, M, self.mora_compression[name], self._tables(name))
 
     def __repr__(self) -> str:
         return "mora." + super().__repr__()

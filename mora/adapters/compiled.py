@@ -1,0 +1,87 @@
+"""MoRA's GPU path: one layer's reference math (base linear + delta, mora.adapters.mora) through torch.compile.
+
+Why: on a GPU the eager path (mora.adapters.inplace, mora.adapters.fused) spends its time around the GEMMs, in
+kernels of little work each: the padded copy and chunk sum of f_comp, the rotation of M's blocks, the tiled add of
+f_decomp into the base output, and in backward their adjoints and the sum of two input gradients. Inductor fuses
+each of those groups into one generated kernel and leaves the GEMMs to cuBLAS; the backward is derived from the
+same math by AOTAutograd, so there is no second hand-written backward to keep right. Every operator goes this way,
+the chunked sharing variants of ReMoRA included.
+
+Compilation: one graph (forward and backward) per operator, layer shape (d_in, d_out, r_hat), dtype, bias or none,
+dropout or none, and grad mode. The number of tokens is marked dynamic, so changing batch sizes and sequence lengths
+do not recompile (one token alone is specialised: 0/1 sizes always are). A LLaMA has three or four layer shapes, so a
+training run compiles three or four graphs, once, in its first step (measured by bench/layer.py --compiled: its
+`compile s` column). Dynamo keeps at most `torch._dynamo.config.recompile_limit` graphs per function (8); past
+that it runs the reference math eagerly, correct but slower.
+
+The switch: MORA_COMPILE in the environment, `auto` (the default: CUDA devices), `on` (every device, e.g. to test
+on a CPU, where inductor emits C++), `off` (never: the eager path runs everywhere). The layer asks `wanted`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mora.adapters.mora import delta
+
+ENV = "MORA_COMPILE"
+CHOICES = ("auto", "on", "off")
+BACKEND = "inductor"
+
+
+def wanted(device: torch.device) -> bool:
+    """Whether a layer on `device` takes the compiled path, as MORA_COMPILE says (auto: CUDA devices only)."""
+    choice = os.environ.get(ENV, "auto")
+    if choice not in CHOICES:
+        raise ValueError(f"{ENV}={choice!r} is not one of {', '.join(CHOICES)}: unset it or choose one")
+    return choice == "on" or (choice == "auto" and device.type == "cuda")
+
+
+def linear_plus_delta(
+    x: Tensor,
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    M: Tensor,
+    cos: Tensor | None,
+    sin: Tensor | None,
+    compression: str,
+) -> Tensor:
+    """linear(x, weight, bias) + delta(h, M): x and h (N, d_in), weight (d_out, d_in), M (r_hat, r_hat) -> (N, d_out).
+    The reference math of one adapted layer, the function compiled."""
+    tables = None if cos is None else (cos, sin)
+    return F.linear(x, weight, bias) + delta(h, M, weight.shape[0], compression, tables)
+
+
+@functools.cache
+def compiled_function(backend: str | Callable = BACKEND) -> Callable[..., Tensor]:
+    """`linear_plus_delta` through torch.compile with `backend` (whole graph, no breaks); built once per backend."""
+    return torch.compile(linear_plus_delta, backend=backend, fullgraph=True)
+
+
+def compiled_mora_linear(
+    x: Tensor,
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    M: Tensor,
+    compression: str,
+    tables: tuple[Tensor, Tensor] | None = None,
+    backend: str | Callable | None = None,
+) -> Tensor:
+    """linear(x, weight, bias) + delta(h, M, d_out, compression), compiled: x (..., d_in) -> (..., d_out). h is x
+    itself or a tensor of x's shape (dropout(x)); weight (d_out, d_in) as nn.Linear keeps it. All in one dtype."""
+    d_in, d_out = weight.shape[1], weight.shape[0]
+    x2 = x.reshape(-1, d_in)  # (N, d_in): every leading shape is one graph
+    h2 = x2 if h is x else h.reshape(-1, d_in)
+    for t in {id(x2): x2, id(h2): h2}.values():
+        torch._dynamo.maybe_mark_dynamic(t, 0)  # the token count
+    cos, sin = tables if tables is not None else (None, None)
+    out = compiled_function(backend or BACKEND)(x2, h2, weight, bias, M, cos, sin, compression)
+    return out.view(*x.shape[:-1], d_out)

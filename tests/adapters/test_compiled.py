@@ -1,0 +1,111 @@
+"""The compiled GPU path (mora.adapters.compiled) on the CPU: forward and gradients against the reference math in
+float64 on every operator, through dynamo + AOTAutograd (every shape class) and inductor itself (its C++ backend,
+one shape per operator); one graph for every token count; the MORA_COMPILE switch; the layer's choice."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.testing import CompileCounter
+
+from mora import MoraConfig
+from mora.adapters import compiled
+from mora.adapters.compiled import compiled_mora_linear, wanted
+from mora.adapters.mora import COMPRESSIONS, delta_weight, n_chunks, rope_tables, surviving_chunks
+from mora.adapters.peft_tuner import MoraLinear
+from tests.adapters.test_math import SHAPES, WRAPS_TWICE, _valid
+
+CASES = [case for case in [(c, *s) for c in COMPRESSIONS for s in SHAPES] + WRAPS_TWICE if _valid(*case)]
+# one shape per operator for inductor: the input wraps around (r_hat does not divide d_in) and the output is tiled
+INDUCTOR_CASES = [(c, 19, 37, 6) for c in COMPRESSIONS]
+
+
+def _check(compression, d_in, d_out, size, backend, dropout=True, bias=True, n=5):
+    # forward and the gradients of x, h, M and the bias against x @ W.T + h @ delta_weight.T, in float64
+    torch.manual_seed(0)
+    x = torch.randn(2, n, d_in, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(2, n, d_in, dtype=torch.float64, requires_grad=True) if dropout else x
+    weight = torch.randn(d_out, d_in, dtype=torch.float64)
+    b = torch.randn(d_out, dtype=torch.float64, requires_grad=True) if bias else None
+    M = torch.randn(size, size, dtype=torch.float64, requires_grad=True)
+    tables = rope_tables(size, n_chunks(d_in, size)) if compression == "rope" else None
+    g = torch.randn(2, n, d_out, dtype=torch.float64)
+    leaves = [t for t in (x, h, b, M) if t is not None and (t is not h or dropout)]
+    want = F.linear(x, weight, b) + h @ delta_weight(M, d_in, d_out, compression).T
+    got = compiled_mora_linear(x, h, weight, b, M, compression, tables, backend=backend)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-10)
+    for a, c in zip(torch.autograd.grad(got, leaves, g), torch.autograd.grad(want, leaves, g), strict=True):
+        assert torch.allclose(a, c, atol=1e-10)
+
+
+@pytest.mark.parametrize("compression,d_in,d_out,size", CASES)
+def test_compiled_graph_equals_the_reference_on_every_shape_class(compression, d_in, d_out, size):
+    torch._dynamo.reset()
+    _check(compression, d_in, d_out, size, "aot_eager")
+
+
+@pytest.mark.parametrize("compression", ["rope", "sharing"])
+def test_compiled_graph_without_dropout_or_bias(compression):
+    torch._dynamo.reset()
+    _check(compression, 40, 24, 6, "aot_eager", dropout=False, bias=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compression,d_in,d_out,size", INDUCTOR_CASES)
+def test_inductor_equals_the_reference_on_every_operator(compression, d_in, d_out, size):
+    # the compiler the GPU runs, here generating C++: the code differs from the GPU's Triton, the graph does not
+    torch._dynamo.reset()
+    _check(compression, d_in, d_out, size, "inductor")
+
+
+def test_one_graph_serves_every_token_count():
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    weight, M = torch.randn(24, 40), torch.randn(6, 6, requires_grad=True)
+    assert surviving_chunks(40, 24, 6) == 4
+    for shape in ((2, 7), (3, 5), (16,), (4, 128)):
+        x = torch.randn(*shape, 40)
+        out = compiled_mora_linear(x, x, weight, None, M, "rope", backend=counter)
+        assert out.shape == (*shape, 24)
+        out.sum().backward()
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize(
+    "setting,device,expected",
+    [(None, "cuda", True), (None, "cpu", False), ("auto", "cuda", True), ("on", "cpu", True), ("off", "cuda", False)],
+)
+def test_the_switch(setting, device, expected, monkeypatch):
+    if setting is None:
+        monkeypatch.delenv(compiled.ENV, raising=False)
+    else:
+        monkeypatch.setenv(compiled.ENV, setting)
+    assert wanted(torch.device(device)) is expected
+
+
+def test_a_bad_switch_value_is_one_clear_line(monkeypatch):
+    monkeypatch.setenv(compiled.ENV, "yes")
+    with pytest.raises(ValueError, match=r"^MORA_COMPILE='yes' is not one of auto, on, off: unset it or choose one$"):
+        wanted(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_the_layer_takes_the_compiled_path_where_wanted(grad, monkeypatch):
+    # MORA_COMPILE=on stands in for a CUDA device: the layer runs one compiled graph, with the numbers of the eager
+    # path, in training and inference; off: no graph
+    torch.manual_seed(3)
+    config = MoraConfig(r=2, compression="rope", target_modules=["layer"])
+    layer = MoraLinear(nn.Linear(32, 48).requires_grad_(False), "default", config)  # frozen, as PEFT leaves it
+    nn.init.normal_(layer.mora_M["default"])
+    x = torch.randn(2, 5, 32)
+    monkeypatch.setenv(compiled.ENV, "off")
+    with torch.set_grad_enabled(grad):
+        eager = layer(x)
+    counter = CompileCounter()
+    monkeypatch.setattr(compiled, "BACKEND", counter)
+    with torch.set_grad_enabled(grad):
+        assert counter.frame_count == 0 and torch.allclose(layer(x), eager)
+        monkeypatch.setenv(compiled.ENV, "on")
+        torch._dynamo.reset()
+        assert torch.allclose(layer(x), eager, atol=1e-6)
+    assert counter.frame_count == 1
