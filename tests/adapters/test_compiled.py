@@ -109,3 +109,27 @@ def test_the_layer_takes_the_compiled_path_where_wanted(grad, monkeypatch):
         torch._dynamo.reset()
         assert torch.allclose(layer(x), eager, atol=1e-6)
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("compression", ["rope", "sharing_chunked"])
+def test_the_compiled_layer_under_autocast_matches_the_eager_one(compression, monkeypatch):
+    # the gpu profiles train under bf16 autocast: the layer casts x, W and M to bf16 and compiles with autocast off,
+    # as the fused node does; the eager path (off) gives the same output and gradients within bf16 rounding
+    torch.manual_seed(4)
+    config = MoraConfig(r=2, compression=compression, target_modules=["layer"], dropout=0.0)
+    layer = MoraLinear(nn.Linear(32, 48).requires_grad_(False), "default", config)
+    nn.init.normal_(layer.mora_M["default"], std=0.1)
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    results = {}
+    for setting in ("off", "on"):
+        monkeypatch.setenv(compiled.ENV, setting)
+        x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        out.float().square().sum().backward()
+        results[setting] = (out, x.grad, layer.mora_M["default"].grad.clone())
+        layer.mora_M["default"].grad = None
+    for eager, compiled_ in zip(results["off"], results["on"], strict=True):
+        assert compiled_.dtype == eager.dtype
+        assert (compiled_.float() - eager.float()).norm() <= 2**-7 * eager.float().norm()
