@@ -49,13 +49,11 @@ def linear_plus_delta(
     weight: Tensor,
     bias: Tensor | None,
     M: Tensor,
-    cos: Tensor | None,
-    sin: Tensor | None,
     compression: str,
+    tables: tuple[Tensor, Tensor] | None,
 ) -> Tensor:
     """linear(x, weight, bias) + delta(h, M): x and h (N, d_in), weight (d_out, d_in), M (r_hat, r_hat) -> (N, d_out).
-    The reference math of one adapted layer, the function compiled."""
-    tables = None if cos is None else (cos, sin)
+    The reference math of one adapted layer, the function compiled; `tables`: rope's (cos, sin) or None."""
     return F.linear(x, weight, bias) + delta(h, M, weight.shape[0], compression, tables)
 
 
@@ -82,6 +80,5 @@ def compiled_mora_linear(
     h2 = x2 if h is x else h.reshape(-1, d_in)
     for t in {id(x2): x2, id(h2): h2}.values():
         torch._dynamo.maybe_mark_dynamic(t, 0)  # the token count
-    cos, sin = tables if tables is not None else (None, None)
-    out = compiled_function(backend or BACKEND)(x2, h2, weight, bias, M, cos, sin, compression)
+    out = compiled_function(backend or BACKEND)(x2, h2, weight, bias, M, compression, tables)
     return out.view(*x.shape[:-1], d_out)
