@@ -9,10 +9,11 @@ the chunked sharing variants of ReMoRA included.
 
 Compilation: one graph (forward and backward) per operator, layer shape (d_in, d_out, r_hat), dtype, bias or none,
 dropout or none, and grad mode. The number of tokens is marked dynamic, so changing batch sizes and sequence lengths
-do not recompile (one token alone is specialised: 0/1 sizes always are). A LLaMA has three or four layer shapes, so a
-training run compiles three or four graphs, once, in its first step (measured by bench/layer.py --compiled: its
-`compile s` column). Dynamo keeps at most `torch._dynamo.config.recompile_limit` graphs per function (8); past
-that it runs the reference math eagerly, correct but slower.
+do not recompile (one token alone is specialised: 0/1 sizes always are); the layer's dimensions are marked static, so
+that each layer shape gets kernels of its own, never a generic graph (dynamo would otherwise make a dimension
+dynamic at its second value, and the operators' shape arithmetic is not written for symbolic sizes). A LLaMA has three
+or four layer shapes, so a training run compiles three or four graphs, once, in its first step (measured by
+bench/layer.py: its `first s` column). Dynamo's limit of graphs per function is raised from 8 to RECOMPILE_LIMIT.
 
 The switch: MORA_COMPILE in the environment, `auto` (the default: CUDA devices), `on` (every device, e.g. to test
 on a CPU, where inductor emits C++), `off` (never: the eager path runs everywhere). The layer asks `wanted`.
@@ -33,6 +34,7 @@ from mora.adapters.mora import delta
 ENV = "MORA_COMPILE"
 CHOICES = ("auto", "on", "off")
 BACKEND = "inductor"
+RECOMPILE_LIMIT = 64  # graphs of the compiled layer function: layer shapes x dtypes x grad modes x dropout or not
 
 
 def wanted(device: torch.device) -> bool:
@@ -59,7 +61,9 @@ def linear_plus_delta(
 
 @functools.cache
 def compiled_function(backend: str | Callable = BACKEND) -> Callable[..., Tensor]:
-    """`linear_plus_delta` through torch.compile with `backend` (whole graph, no breaks); built once per backend."""
+    """`linear_plus_delta` through torch.compile with `backend` (whole graph, no breaks); built once per backend.
+    Raises dynamo's limit of graphs per function (8) to RECOMPILE_LIMIT, so that every layer shape keeps its own."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     return torch.compile(linear_plus_delta, backend=backend, fullgraph=True)
 
 
@@ -80,5 +84,8 @@ def compiled_mora_linear(
     h2 = x2 if h is x else h.reshape(-1, d_in)
     for t in {id(x2): x2, id(h2): h2}.values():
         torch._dynamo.maybe_mark_dynamic(t, 0)  # the token count
+        torch._dynamo.mark_static(t, 1)  # the layer's width: one graph per layer shape, never a generic one
+    for t in (weight, M) if bias is None else (weight, M, bias):
+        torch._dynamo.mark_static(t)
     out = compiled_function(backend or BACKEND)(x2, h2, weight, bias, M, compression, tables)
     return out.view(*x.shape[:-1], d_out)

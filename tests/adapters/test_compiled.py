@@ -58,17 +58,21 @@ def test_inductor_equals_the_reference_on_every_operator(compression, d_in, d_ou
     _check(compression, d_in, d_out, size, "inductor")
 
 
-def test_one_graph_serves_every_token_count():
+def test_one_graph_per_layer_shape_serves_every_token_count():
+    # ten layer shapes (more than dynamo's default limit of 8 graphs), each its own static graph, then every shape
+    # again at other token counts: no graph more
     torch._dynamo.reset()
     counter = CompileCounter()
-    weight, M = torch.randn(24, 40), torch.randn(6, 6, requires_grad=True)
+    M = torch.randn(6, 6, requires_grad=True)
+    shapes = [(40, 24 + k) for k in range(10)]
     assert surviving_chunks(40, 24, 6) == 4
-    for shape in ((2, 7), (3, 5), (16,), (4, 128)):
-        x = torch.randn(*shape, 40)
-        out = compiled_mora_linear(x, x, weight, None, M, "rope", backend=counter)
-        assert out.shape == (*shape, 24)
-        out.sum().backward()
-    assert counter.frame_count == 1
+    for leading in ((2, 7), (3, 5), (16,), (4, 128)):
+        for d_in, d_out in shapes:
+            weight, x = torch.randn(d_out, d_in), torch.randn(*leading, d_in)
+            out = compiled_mora_linear(x, x, weight, None, M, "sharing_chunked", backend=counter)
+            assert out.shape == (*leading, d_out)
+            out.sum().backward()
+    assert counter.frame_count == len(shapes)
 
 
 @pytest.mark.parametrize(
