@@ -26,6 +26,8 @@ REPRODUCE_ARGS = --profile $(PROFILE) $(if $(NPROC),--nproc $(NPROC)) $(if $(OUT
 	$(if $(KEEP_GOING),--keep-going)
 # SEED / SEEDS, else 3 seeds; the paper profile runs the authors' one seed (42: PAPER.md §2.1) unless told otherwise
 TABLE_SEEDS = $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),$(if $(filter paper,$(PROFILE)),42,0 1 2)))
+# the regime sweeps on CPU: 2 seeds
+REGIME_SEEDS = $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),0 1))
 
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
@@ -33,7 +35,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-fast lint reproduce-table1 reproduce-table2 reproduce-table2-regime reproduce-table3 reproduce-table3-regime reproduce-table4 reproduce-methods budgets rehearse smoke prefetch bench inspect wheelhouse gpu-check clean
+.PHONY: help install test test-fast lint reproduce-table1 reproduce-table2 reproduce-table2-regime reproduce-table3 reproduce-table3-regime reproduce-table3-regime-long reproduce-table4 reproduce-methods reproduce-methods-regime budgets rehearse smoke prefetch bench inspect wheelhouse gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-20s %s\n", $$1, $$2}'
@@ -67,21 +69,28 @@ reproduce-table2: $(STAMP) ## Table 2 (UUID memorization): PROFILE=tiny|gpu|pape
 
 reproduce-table2-regime: $(STAMP) ## Table 2's regime sweep on CPU (3 widths, SEEDS="0 1", about 40 min) -> results/table2/regime/
 	for point in w64 w128 w256; do \
-		$(PY) experiments/reproduce.py table2_regime_$$point $(REPRODUCE_ARGS) --seeds $(if $(SEED),$(SEED),$(if $(SEEDS),$(SEEDS),0 1)) || exit 1; \
+		$(PY) experiments/reproduce.py table2_regime_$$point $(REPRODUCE_ARGS) --seeds $(REGIME_SEEDS) || exit 1; \
 	done
 
 reproduce-table3: $(STAMP) ## Table 3, Figs. 4-5 (C4 pretraining from scratch): PROFILE=tiny|paper, SEEDS="0 1 2" (paper: 42) -> results/table3/
 	$(PY) experiments/reproduce.py table3 $(REPRODUCE_ARGS) --seeds $(TABLE_SEEDS)
 
-reproduce-table3-regime: $(STAMP) ## Table 3's regime sweep on CPU (length, width, ablations): each grid on seed 0, seed 1 at its best -> results/table3/regime/
-	$(PY) experiments/reproduce.py table3_regime $(REPRODUCE_ARGS) --seeds 0
-	$(PY) experiments/reproduce.py table3_regime $(REPRODUCE_ARGS) --seeds 1 --at-best-of 0
+# Table 3's regime sweep: the points up to 1,000 steps (about 75 min on 2 cores) and, apart, the 3,000-step point at
+# the paper's tokens per parameter (about 100 min); CELLS= picks cells (or patterns) of either
+reproduce-table3-regime: $(STAMP) ## Table 3's regime sweep on CPU up to 1,000 steps (length, width, ablations), SEEDS="0 1" -> results/table3/regime/
+	$(PY) experiments/reproduce.py table3_regime $(REPRODUCE_ARGS) --seeds $(REGIME_SEEDS) $(if $(CELLS),,--cells '*-s300' '*-s1000')
+
+reproduce-table3-regime-long: $(STAMP) ## Table 3's regime at 3,000 steps, the paper's tokens per parameter (about 100 min) -> results/table3/regime/
+	$(PY) experiments/reproduce.py table3_regime $(REPRODUCE_ARGS) --seeds $(REGIME_SEEDS) $(if $(CELLS),,--cells '*-s3000')
 
 reproduce-table4: $(STAMP) ## Table 4 (MoRA's operators at two ranks): PROFILE=tiny|paper, SEEDS="0 1 2" (paper: 42) -> results/table4/
 	$(PY) experiments/reproduce.py table4 $(REPRODUCE_ARGS) --seeds $(TABLE_SEEDS)
 
 reproduce-methods: $(STAMP) ## MoRA against the methods PEFT ships, Table 2's UUID setup: PROFILE=tiny|gpu|paper, SEEDS="0 1 2" (paper: 42) -> results/methods/
 	$(PY) experiments/reproduce.py methods $(REPRODUCE_ARGS) --seeds $(TABLE_SEEDS)
+
+reproduce-methods-regime: $(STAMP) ## the methods comparison at Table 2's regime point w128, low budget, SEEDS="0 1" -> results/methods/regime/
+	$(PY) experiments/reproduce.py methods_regime_w128 $(REPRODUCE_ARGS) --seeds $(REGIME_SEEDS)
 
 budgets: $(STAMP) ## the methods' budget table: trainable parameters and saved size of every cell beside LoRA's -> results/methods/budgets.md
 	$(PY) experiments/budgets.py

@@ -9,7 +9,8 @@ The experiment config names the table's tasks (`table.tasks`, a list or one per 
 (`grid.<profile>`: an adapter with its settings and fixed `overrides`, a learning-rate grid, optionally per task,
 and an optional `search` over other settings, every combination of which is run and the best reported) and an
 optional base model to train first (`base.<profile>`: its learning rate, seed, `overrides`, its own `task` config,
-and `forgetting: true` to have every cell probe what the base was trained on); `--set` adds Hydra overrides to every
+and `forgetting: true` to have every cell probe what the base was trained on), overrides for every cell of a profile
+(`all_cells.<profile>`), and how learning rates are chosen (`table.tune`); `--set` adds Hydra overrides to every
 run. Every cell x task x learning rate x search point x seed is one run folder under
 runs/<table>/<profile>/[<task>/]; finished runs are skipped, unfinished ones resume, and a finished run of another
 config stops the command. The runs go in this process (the CPU profile, `--jobs` side by side) or each through
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fnmatch
 import functools
 import importlib
 import importlib.util
@@ -61,6 +63,9 @@ LAUNCHERS = (IN_PROCESS, "local", "ddp", "deepspeed_zero2", "deepspeed_zero3")
 CELL_KEYS = ("r", "alpha", "compression", "loraplus_ratio", "rank_pattern", "args")
 # --submit: each run a job through submitit, on SLURM (sbatch) or, to test the same jobs, on this machine
 SUBMITTERS = ("slurm", "local")
+# table.tune, how a table's learning rates are chosen: null, every seed on every point of a cell's grid (the best by
+# the mean over seeds); first_seed, each grid on the first seed of --seeds and the other seeds at its best point
+TUNINGS = (None, "first_seed")
 SLURM_CONFIG = CONFIG_DIR / "cluster" / "slurm.yaml"
 REHEARSALS = REPO_ROOT / "runs" / "rehearsal"  # --rehearse: its runs, tables and stand-in models, apart from results/
 REHEARSAL_BANNER = (
@@ -100,13 +105,20 @@ def experiment(table: str, profile: str) -> dict[str, Any]:
     cfg = compose_cfg([f"profile={profile}", f"experiment={table}"])
     if profile not in cfg.grid:
         raise ValueError(f"experiment {table} has no grid for profile {profile!r}")
-    table = OmegaConf.to_container(cfg.table, resolve=True)
-    if isinstance(table["tasks"], dict):  # tasks per profile (Table 4: metamath on the paper's, uuid on tiny)
-        table["tasks"] = table["tasks"][profile]
+    section = OmegaConf.to_container(cfg.table, resolve=True)
+    if section.get("tune") not in TUNINGS:
+        raise ValueError(
+            f"experiment {table}: table.tune {section['tune']!r} is not one of null, first_seed; first_seed runs "
+            "each grid on the first of --seeds and the other seeds at its best"
+        )
+    if isinstance(section["tasks"], dict):  # tasks per profile (Table 4: metamath on the paper's, uuid on tiny)
+        section["tasks"] = section["tasks"][profile]
+    every_cell = OmegaConf.to_container(cfg.all_cells, resolve=True) if "all_cells" in cfg else None
     return {
-        "table": table,
+        "table": section,
         "cells": OmegaConf.to_container(cfg.grid[profile], resolve=True),
         "base": (OmegaConf.to_container(cfg.base, resolve=True) or {}).get(profile) if "base" in cfg else None,
+        "all_cells": (every_cell or {}).get(profile) or {},
     }
 
 
@@ -185,6 +197,12 @@ def runs(
         base.overrides += [*extra, f"run.dir={folder}"]
         if b.get("forgetting"):
             probes = literal_overrides("task.probes", base_probes(base.overrides))
+    # all_cells.<profile>: overrides every cell of the profile gets before its own (a mapping as a literal section)
+    every = [
+        o
+        for k, v in spec["all_cells"].items()
+        for o in (literal_overrides(k, v) if isinstance(v, dict) else [f"{k}={literal(v)}"])
+    ]
     nested = len(spec["table"]["tasks"]) > 1
     out = []
     for task in tasks:
@@ -200,6 +218,7 @@ def runs(
                 folder = root / task / name if nested else root / name
                 overrides = [*common, f"task={task}", f"adapter={cell['adapter']}", f"train.lr={lr}", f"seed={seed}"]
                 overrides += [o for k in CELL_KEYS if k in cell for o in cell_overrides(f"adapter.{k}", cell[k])]
+                overrides += every
                 overrides += [f"{k}={_value(v)}" for k, v in (cell.get("overrides") or {}).items()]
                 overrides += [f"{k}={_value(v)}" for k, v in point.items()]
                 if base is not None:
@@ -211,20 +230,27 @@ def runs(
 
 def at_best(
     todo: list[Run], seed: int, reporter: Any, done: list[dict[str, Any]], cells: list[dict[str, Any]]
-) -> list[Run]:
+) -> tuple[list[Run], list[str]]:
     """The runs of `todo` at each cell's best point (learning rate and search point) among its finished runs of
-    `seed`, by the reporter's TUNING_SCORE; a cell with no such run stops the command in one line."""
-    if not hasattr(reporter, "TUNING_SCORE"):
-        raise ValueError(f"--at-best-of needs a reporter that says how runs are scored; {reporter.__name__} does not")
+    `seed`, by the reporter's TUNING_SCORE, and the cells that have no such run."""
     of_seed = [r for r in done if r["summary"]["seed"] == seed]
     best = {cell: point_of(group[0]) for cell, group in best_points(of_seed, cells, *reporter.TUNING_SCORE).items()}
     missing = sorted({r.cell for r in todo} - set(best))
-    if missing:
-        raise ValueError(
-            f"--at-best-of {seed}: cells {missing} have no finished run of seed {seed}; run them with --seeds {seed} "
-            "first"
-        )
-    return [r for r in todo if r.folder.name.rsplit("-s", 1)[0] == best[r.cell]]
+    return [r for r in todo if r.cell in best and r.folder.name.rsplit("-s", 1)[0] == best[r.cell]], missing
+
+
+def tuning_phases(
+    todo: list[Run], seeds: list[int], tune: str | None, at_best_of: int | None
+) -> list[tuple[list[Run], int | None]]:
+    """The runs in the order they go, each group with the seed whose best point it is cut to (None: all of it):
+    --at-best-of SEED cuts every run; table.tune first_seed runs the first seed's grids, then the others at its
+    best (each cut once the first seed's runs are done)."""
+    if at_best_of is not None:
+        return [(todo, at_best_of)]
+    if tune == "first_seed" and len(seeds) > 1:
+        first = seeds[0]
+        return [([r for r in todo if r.seed == first], None), ([r for r in todo if r.seed != first], first)]
+    return [(todo, None)]
 
 
 def base_probes(overrides: list[str]) -> dict[str, Any]:
@@ -461,7 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="tiny", choices=PROFILES)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--tasks", nargs="+", help="run only these of the table's tasks (e.g. metamath)")
-    parser.add_argument("--cells", nargs="+", help="run only these cells (rows), e.g. lora-r8 mora-r8")
+    parser.add_argument(
+        "--cells", nargs="+", help="run only these cells (rows) or shell patterns of them, e.g. lora-r8 'mora-*'"
+    )
     parser.add_argument(
         "--launcher", choices=LAUNCHERS, help="default: in-process (tiny), local (gpu), deepspeed_zero2 (paper)"
     )
@@ -528,8 +556,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--tasks {unknown} are not tasks of {args.table}; it has {', '.join(table_tasks)}")
     names = [c["name"] for c in spec["cells"]]
-    if args.cells and not set(args.cells) <= set(names):
-        parser.error(f"--cells {sorted(set(args.cells) - set(names))} are not cells of {args.table}; it has {names}")
+    if args.cells:  # names or shell patterns of names ('*-s3000')
+        unknown = [c for c in args.cells if not fnmatch.filter(names, c)]
+        if unknown:
+            parser.error(f"--cells {unknown} are not cells of {args.table}; it has {names}")
+        args.cells = [n for n in names if any(fnmatch.fnmatchcase(n, c) for c in args.cells)]
     launcher = args.launcher or DEFAULT_LAUNCHER[args.profile]
     if args.submit and launcher == IN_PROCESS:
         launcher = "local"  # the tiny profile's runs as jobs: one process each
@@ -546,11 +577,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, HydraException, OmegaConfBaseException) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
+    phases = tuning_phases(todo, args.seeds, spec["table"].get("tune"), args.at_best_of)
     if args.dry_run:
         if slurm is not None:
             print(f"# {args.submit} jobs, one a run, one node each: " + json.dumps(slurm, sort_keys=True))
-        for run in ([base] if base else []) + todo:
+        for run in ([base] if base else []) + phases[0][0]:
             print(shlex.join(command(run, launcher, args.nproc)))
+        for later, seed in phases[1:]:
+            seeds = sorted({r.seed for r in later})
+            print(f"# then seed{'s' * (len(seeds) > 1)} {' '.join(map(str, seeds))}, each cell at the best point of "
+                  f"its seed-{seed} runs (table.tune)")  # fmt: skip
         return 0
 
     def go(runs: list[Run], jobs: int, keep_going: bool) -> list[str]:
@@ -568,20 +604,32 @@ def main(argv: list[str] | None = None) -> int:
     def launch(run: Run) -> list[str]:
         return launch_overrides(run, launcher, args.nproc)
 
-    if args.at_best_of is not None:
-        try:
-            todo = at_best(todo, args.at_best_of, reporter, gather(root, records), spec["cells"])
-        except ValueError as error:
-            print(f"error: {one_line(error)}", file=sys.stderr)
-            return 2
-    todo = [r for r in todo if not finished(r, root, launch(r)) and not recorded(r, root, records, launch(r))]
+    if any(best_of is not None for _, best_of in phases) and not hasattr(reporter, "TUNING_SCORE"):
+        print(f"error: a grid tuned on one seed needs a reporter that scores runs; {reporter.__name__} has no "
+              "TUNING_SCORE", file=sys.stderr)  # fmt: skip
+        return 2
     if base is not None:
         recorded(base, root, records, launch(base))  # the kept cells started from this base, or stop
-        if todo and not finished(base, root, launch(base)):
+    failed: list[str] = []
+    skipped: list[str] = []  # cells whose later seeds could not run: their first seed's grid failed (--keep-going)
+    started = 0
+    for todo, best_of in phases:
+        if best_of is not None:  # each cell at the best point of seed best_of's finished runs
+            todo, missing = at_best(todo, best_of, reporter, gather(root, records), spec["cells"])
+            if missing and not failed:  # a first seed's grid is missing here only where it failed (--keep-going)
+                print(f"error: --at-best-of {best_of}: cells {missing} have no finished run of seed {best_of}; run "
+                      f"them with --seeds {best_of} first", file=sys.stderr)  # fmt: skip
+                return 2
+            skipped += [f"{cell} (no finished run of seed {best_of} to take the best of)" for cell in missing]
+        todo = [r for r in todo if not finished(r, root, launch(r)) and not recorded(r, root, records, launch(r))]
+        if base is not None and todo and not finished(base, root, launch(base)):
             print(f"{args.table} ({args.profile}): training the base model in {base.folder}", flush=True)
             go([base], 1, keep_going=False)  # every cell starts from it
-    print(f"{args.table} ({args.profile}): {len(todo)} runs to do in {root}", flush=True)
-    failed = go(todo, args.jobs, args.keep_going)
+        seeds = " ".join(str(s) for s in sorted({r.seed for r in todo}))
+        print(f"{args.table} ({args.profile}): {len(todo)} runs to do in {root}{f' (seeds {seeds})' * bool(todo)}",
+              flush=True)  # fmt: skip
+        started += len(todo)
+        failed += go(todo, args.jobs, args.keep_going)
     try:  # every run so far, with the records the table keeps
         paths = reporter.write_results(root, out, args.profile, spec["cells"], table_tasks)
     except ValueError as error:  # the runs are done; too few of them for a table yet (e.g. --cells of one method)
@@ -593,9 +641,10 @@ def main(argv: list[str] | None = None) -> int:
     if paths:
         print("wrote " + ", ".join(map(str, paths)))
     if failed:
-        print(f"error: {len(failed)} of {len(todo)} runs failed: {'; '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+        print(f"error: {len(failed)} of {started} runs failed: {'; '.join(failed)}", file=sys.stderr)
+    if skipped:
+        print(f"error: cells not run at their best: {'; '.join(skipped)}", file=sys.stderr)
+    return 1 if failed or skipped else 0
 
 
 if __name__ == "__main__":

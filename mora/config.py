@@ -58,8 +58,8 @@ class Train(Section):
     modules_to_save_lr: float | None = setting(default=None, hint="a positive number, or null (train.lr)", gt=0)
     max_grad_norm: float | None = setting(default=None, hint="a number >= 0 (0 or null: no clipping)", ge=0)
     log_every: int = setting("a positive number of steps", gt=0)
-    eval_steps: list[Annotated[int, Field(gt=0)]] = setting(
-        "a list of positive steps, e.g. 'train.eval_steps=[50,100]'"
+    eval_steps: list[Annotated[int, Field(ge=0)]] = setting(
+        "a list of steps >= 0 (0: the model before training), e.g. 'train.eval_steps=[50,100]'"
     )
     eval_batch: int = setting("a positive integer", gt=0)
     checkpoint_every: int = setting("a number of steps >= 0 (0: no checkpoints)", ge=0)

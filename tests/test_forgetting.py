@@ -12,7 +12,7 @@ import torch
 
 from mora.config import ConfigError
 from mora.paths import REPO_ROOT
-from mora.reporting.methods import base_scores, forgetting, write_results
+from mora.reporting.methods import base_scores, forgetting, start_scores, write_results
 from mora.tasks import build_task, check_sections
 from mora.tasks.mixture import split
 from mora.tasks.probes import Probed
@@ -208,3 +208,32 @@ def test_a_probe_scores_the_model_as_it_is():
     scores = task.evaluate(model, 4)
     assert scores["text/ppl"] == pytest.approx(len(tokenizer), rel=1e-5)
     assert scores["pairs/loss"] == pytest.approx(math.log(len(tokenizer)), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_without_a_base_each_run_forgets_from_its_own_step_0(tmp_path):
+    """The paper profile's cells start from a pretrained model no run of the table trained: each run scores its
+    probes at step 0 (train.eval_steps holds 0) and its Δ columns are the change from there. A no-op adapter
+    changes nothing, four steps of FFT change the text's perplexity; both start from the same model."""
+    common = ["profile=tiny", "experiment=methods", "task=uuid", "task.n_pairs=8", "++task.alphabet=ascii"]
+    common += [*literal_overrides("task.probes", {"text": TEXT}), "train.steps=4", "train.eval_steps=[0,4]"]
+    common += ["train.checkpoint_every=0", "train.progress=false", "train.global_batch=4", "train.micro_batch=4"]
+    for name, adapter, lr in (("lora-r8", ["adapter=lora", "adapter.r=2"], 1e-30), ("fft", ["adapter=fft"], 1e-2)):
+        run(compose_cfg([*common, *adapter, f"train.lr={lr}", f"run.dir={tmp_path / 'runs' / f'{name}-lr{lr:g}-s0'}"]))
+    folders = sorted((tmp_path / "runs").iterdir())
+    loaded = [{"dir": d, "summary": json.loads((d / "summary.json").read_text())} for d in folders]
+    firsts = [r["summary"]["evals"][0] for r in loaded]
+    assert [e["step"] for e in firsts] == [0, 0] and all("train/loss" not in e for e in firsts)
+    assert firsts[0]["eval/text/ppl"] == firsts[1]["eval/text/ppl"]  # the same model before training
+    assert base_scores(loaded) == {}  # no base run
+    by = {r["dir"].name.split("-lr")[0]: r for r in loaded}
+    assert forgetting(by["lora-r8"]["summary"]["evals"][-1], start_scores(by["lora-r8"], {})) == {"text/ppl": 0.0}
+    assert forgetting(by["fft"]["summary"]["evals"][-1], start_scores(by["fft"], {}))["text/ppl"] != 0.0
+    cells = [{"name": "lora-r8", "adapter": "lora", "lrs": [1e-30]}, {"name": "fft", "adapter": "fft", "lrs": [1e-2]}]
+    md, csv_path, _ = write_results(tmp_path / "runs", tmp_path / "out", "tiny", cells)
+    table = md.read_text()
+    assert "each run scores the probes at step 0, before training" in table
+    (lora,) = [line for line in table.splitlines() if "| lora-r8 |" in line]
+    assert lora.split(" | ")[7] == "0.0"  # Δ text ppl
+    steps = {line.split(",")[5] for line in csv_path.read_text().splitlines()[1:]}
+    assert steps == {"4"}  # step 0 is the start, not an evaluation of training

@@ -141,7 +141,15 @@ def test_the_budget_table_is_the_codes_and_every_cell_matches_loras_budget():
     off = {row.cell: row.ratio for row in fresh if abs(row.ratio - 1) > budgets.TOLERANCE}
     assert not off, f"cells off LoRA's budget by more than 10%: {off}"
     kept = budgets.read_csv(REPO_ROOT / "results" / "methods" / "budgets.csv")
-    assert [row for row in kept if row.profile == "tiny"] == fresh  # make budgets writes what the code counts
+    assert [row for row in kept if (row.experiment, row.profile) == ("methods", "tiny")] == fresh  # as counted
+    # the regime point's cells: within 10%, or as close as the method allows and the cell says why
+    regime = budgets.rows("tiny", table="methods_regime_w128")
+    assert regime == [row for row in kept if row.experiment == "methods_regime_w128"]
+    assert {row.cell for row in regime} == {c["name"] for c in experiment("methods_regime_w128", "tiny")["cells"]} - {
+        "fft"
+    }
+    assert {row.cell for row in regime if abs(row.ratio - 1) > budgets.TOLERANCE} == {"c3a-r8"}
+    assert [row.cell for row in regime if row.off_budget] == ["c3a-r8"] and not any(row.off_budget for row in fresh)
     gpu = [row for row in kept if row.profile == "gpu"]  # the one-GPU profile's low budget, recounted (seconds)
     assert {row.cell for row in gpu} == {c["name"] for c in experiment("methods", "gpu")["cells"]}
     assert all(abs(row.ratio - 1) <= budgets.TOLERANCE for row in gpu) and budgets.rows("gpu") == gpu

@@ -82,7 +82,7 @@ def test_a_rehearsed_run_keeps_its_profiles_code_path_and_shrinks_only_its_sizes
         assert t.micro_batch == micro and t.global_batch == micro * world * accumulation, what
         if t.epochs is None:  # the schedule's shape inside the run: warmup, evaluations, merges, checkpoints
             assert t.steps == rehearsal.REHEARSAL_STEPS and t.steps in t.eval_steps, what
-            assert all(0 < s <= t.steps for s in t.eval_steps), what
+            assert all(0 <= s <= t.steps for s in t.eval_steps) and (0 in t.eval_steps) == (0 in pt.eval_steps), what
         assert bool(t.warmup) == bool(pt.warmup) and bool(t.checkpoint_every) == bool(pt.checkpoint_every), what
         if shrunk.adapter.get("restart") is not None:
             assert 1 <= shrunk.adapter.restart.every < rehearsal.REHEARSAL_STEPS, what

@@ -4,6 +4,7 @@ the modules to save, and a reduced sweep end to end through the runner and mora.
 
 import csv
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from experiments.reproduce import Run, at_best, experiment, main, runs
+from experiments import reproduce
+from experiments.reproduce import Run, at_best, experiment, main, runs, tuning_phases
 from mora.adapters.build import build_adapter
 from mora.models import build_model
 from mora.paths import CONFIG_DIR
@@ -191,10 +193,35 @@ def test_a_grid_tuned_on_the_first_seed_is_read_at_that_seeds_best_and_the_runne
     plain = best_points(done, cells, *table3_regime.TUNING_SCORE)  # by the mean: one seed elsewhere outbids it
     assert [r["dir"].name for r in plain["mora"]] == ["mora-lr0.003-s0"]
     todo = [Run("c4", "mora", lr, 1, tmp_path / f"mora-lr{lr:g}-s1") for lr in (1e-3, 3e-3)]
-    assert [r.lr for r in at_best(todo, 0, table3_regime, done, cells)] == [1e-3]
+    assert [r.lr for r in at_best(todo, 0, table3_regime, done, cells)[0]] == [1e-3]
     todo.append(Run("c4", "lora", 1e-2, 1, tmp_path / "lora-lr0.01-s1"))
-    with pytest.raises(ValueError, match=r"--at-best-of 0: cells \['lora'\] have no finished run of seed 0; run them"):
-        at_best(todo, 0, table3_regime, done, cells)
+    cut, missing = at_best(todo, 0, table3_regime, done, cells)  # lora has no run of seed 0: named, not run
+    assert [(r.cell, r.lr) for r in cut] == [("mora", 1e-3)] and missing == ["lora"]
+
+
+def test_table_tune_runs_the_first_seeds_grids_first_and_the_other_seeds_at_their_best(tmp_path):
+    todo = [Run("c4", "mora", lr, seed, tmp_path / f"mora-lr{lr:g}-s{seed}") for seed in (0, 1, 2) for lr in (1, 3)]
+    (first, cut_first), (later, cut_later) = tuning_phases(todo, [0, 1, 2], "first_seed", None)
+    assert (cut_first, cut_later) == (None, 0)  # seed 0's whole grids, then the others cut to seed 0's best
+    assert [r.seed for r in first] == [0, 0] and [r.seed for r in later] == [1, 1, 2, 2]
+    assert tuning_phases(todo, [0, 1, 2], None, None) == [(todo, None)]  # every seed on every point
+    assert tuning_phases(todo[:2], [0], "first_seed", None) == [(todo[:2], None)]  # one seed: its grid
+    assert tuning_phases(todo, [0, 1, 2], "first_seed", 5) == [(todo, 5)]  # --at-best-of says which seed
+    for table in ("table3_regime", "methods", "methods_regime_w128"):  # tuned on seed 0, read at its best
+        assert experiment(table, "tiny")["table"]["tune"] == "first_seed"
+
+
+def test_an_unknown_tuning_is_refused_in_one_line(monkeypatch):
+    real = reproduce.compose_cfg
+
+    def composed(overrides):
+        cfg = real(overrides)
+        cfg.table.tune = "every_seed"
+        return cfg
+
+    monkeypatch.setattr(reproduce, "compose_cfg", composed)
+    with pytest.raises(ValueError, match=r"experiment table3_regime: table.tune 'every_seed' is not one of null, "):
+        experiment("table3_regime", "tiny")
 
 
 @pytest.mark.slow
@@ -221,10 +248,21 @@ def test_a_reduced_sweep_runs_end_to_end_and_reports_ratios_along_width(tmp_path
     assert (out / "regime.png").stat().st_size > 0 and (out / "loss.png").stat().st_size > 0
     grid = sum(len(c["lrs"]) for c in experiment("table3_regime", "tiny")["cells"] if c["name"] in cells)
     assert len(list((out / "runs" / "tiny").iterdir())) == grid  # every cell's grid, seed 0
-    # a second seed at each cell's best learning rate of seed 0: one run a cell, read beside seed 0's
-    assert main([*head, "--seeds", "1", "--at-best-of", "0", *tail]) == 0
+    # a second seed at each cell's best learning rate of seed 0 (table.tune): one run a cell, read beside seed 0's
+    assert main([*head, "--seeds", "0", "1", *tail]) == 0
     assert len(list((out / "runs" / "tiny").iterdir())) == grid + len(cells)
     seeds = Counter(
         (r["point"], r["variant"], r["method"], r["lr"]) for r in csv.DictReader((out / "regime.csv").open())
     )
     assert len(seeds) == len(cells) and set(seeds.values()) == {2}
+
+
+def test_where_the_first_seeds_grid_failed_the_later_seeds_are_named_not_run(tmp_path, capsys, monkeypatch):
+    # --keep-going: every run of seed 0 fails (outside this process), so seed 1 has no best to run at
+    failing = [sys.executable, "-c", "raise SystemExit(3)"]
+    monkeypatch.setattr(reproduce, "command", lambda run, launcher, nproc: failing)
+    args = ["table3_regime", "--cells", "lora-w48-s300", "--seeds", "0", "1", "--launcher", "local", "--keep-going"]
+    assert main([*args, "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("error: 3 of 3 runs failed: the run in ") and len(err) == 2
+    assert err[1] == "error: cells not run at their best: lora-w48-s300 (no finished run of seed 0 to take the best of)"

@@ -47,12 +47,16 @@ def budget(cell: str) -> str:
 
 
 def evals(run: dict[str, Any]) -> list[dict[str, Any]]:
-    return [e for e in run["summary"]["evals"] if "eval/char_acc" in e]
+    """A run's evaluations after training began (an evaluation at step 0 scores the model it starts from)."""
+    return [e for e in run["summary"]["evals"] if "eval/char_acc" in e and e["step"] > 0]
 
 
 def mean_acc(run: dict[str, Any]) -> float:
     """A run's score for choosing its learning rate: its mean accuracy over the evaluated steps (as Table 2)."""
     return statistics.mean(e["eval/char_acc"] for e in evals(run))
+
+
+TUNING_SCORE = (mean_acc, False)  # what picks a cell's learning rate (higher is better), here and in --at-best-of
 
 
 def final(run: dict[str, Any], key: str) -> float:
@@ -81,6 +85,15 @@ def base_scores(runs: list[dict[str, Any]]) -> dict[str, float]:
     return {probe: float(last[f"eval/{probe}"]) for probe in PROBES if f"eval/{probe}" in last}
 
 
+def start_scores(run: dict[str, Any], base: dict[str, float]) -> dict[str, float]:
+    """The probes' scores a run's forgetting is measured from: the base run's, or, where no run of the table trained
+    the model the cells start from (the paper profile: a pretrained LLaMA), the run's own evaluation at step 0."""
+    if base:
+        return base
+    first = next((e for e in run["summary"]["evals"] if e["step"] == 0), {})
+    return {probe: float(first[f"eval/{probe}"]) for probe in PROBES if f"eval/{probe}" in first}
+
+
 def forgetting(record: dict[str, Any], base: dict[str, float]) -> dict[str, float]:
     """Per probe: an evaluation's score minus the base's (a record of summary["evals"]; negative accuracy, higher
     perplexity: forgotten)."""
@@ -100,7 +113,7 @@ def _merge(group: list[dict[str, Any]]) -> str:
 
 
 def _delta(group: list[dict[str, Any]], base: dict[str, float], probe: str, digits: int) -> str:
-    values = [forgetting(evals(run)[-1], base).get(probe) for run in group]
+    values = [forgetting(evals(run)[-1], start_scores(run, base)).get(probe) for run in group]
     values = [v for v in values if v is not None]
     return mean_std(values, digits) if len(values) == len(group) else "–"
 
@@ -132,9 +145,19 @@ HEADER = ("Method", "cell", "r", "accuracy", "exact", "Δ base pairs", "Δ pairs
           "trainable", "file KB", "train s", "tokens/s", "peak MB", "merge ms", "merged = unmerged")  # fmt: skip
 
 
-def base_line(base: dict[str, float]) -> str:
+def base_line(base: dict[str, float], runs: list[dict[str, Any]]) -> str:
     if not base:
-        return "No base model probed: the Δ columns are empty."
+        before = [start_scores(run, base) for run in runs]
+        if not any(before):
+            return "No base model probed: the Δ columns are empty."
+        probes = sorted({probe for scores in before for probe in scores})
+        spans = {p: sorted({round(b[p], 2) for b in before if p in b}) for p in probes}
+        ranges = ", ".join(f"{p} {v[0]:.2f}" + (f"–{v[-1]:.2f}" if len(v) > 1 else "") for p, v in spans.items())
+        return (
+            "Forgetting: each run scores the probes at step 0, before training (the pretrained model; here "
+            f"{ranges} over the runs), and at each evaluation; the Δ columns are its last evaluation's scores minus "
+            "its own at step 0: a rise in perplexity is forgotten."
+        )
     scores = ", ".join(f"{probe} {value:.2f}" for probe, value in base.items())
     return (
         f"Forgetting: before any cell trains, the base model scores {scores} on the probes of what it was trained "
@@ -147,18 +170,20 @@ def base_line(base: dict[str, float]) -> str:
 def write_markdown(
     path: Path, chosen: dict[str, list[dict[str, Any]]], cells: list[dict], profile: str, base: dict[str, float]
 ) -> None:
+    experiment = next((g[0]["config"]["run"]["experiment"] for g in chosen.values()), "methods")
     lines = [
-        f"# MoRA and the high-rank methods PEFT ships: UUID memorization — profile `{profile}`",
+        f"# MoRA and the high-rank methods PEFT ships: UUID memorization — `{experiment}`, profile `{profile}`",
         "",
-        "Table 2's setup (its pairs and steps; the base model: configs/experiment/methods.yaml). Per cell, the",
+        f"Table 2's UUID setup (its pairs, steps and base: configs/experiment/{experiment}.yaml). Per cell, the",
         "learning rate of its grid with the best mean accuracy over the evaluated steps (↑ / ↓: at the top / bottom",
-        "of its grid), mean ± std over seeds;",
+        "of its grid), by the mean over seeds, or by the first seed's where the grid ran on it alone (`table.tune`);",
+        "mean ± std over seeds;",
         "cells -r8 / -r256 match LoRA's trainable parameters at the paper's two budgets (results/methods/budgets.md).",
         "Accuracy: character-level (%) at the last evaluation; exact: pairs recalled whole (%). Train s: the training",
         "loop without evaluations. Peak MB: the run's peak RSS (CUDA: allocated). Merge: PEFT's merge_adapter, and",
         "whether the merged model's logits equal the unmerged one's. Built by `mora.reporting.methods`.",
         "",
-        base_line(base),
+        base_line(base, [run for group in chosen.values() for run in group]),
         "",
         "| " + " | ".join(HEADER) + " |",
         "|---" * len(HEADER) + "|",
@@ -182,7 +207,7 @@ def write_csv(path: Path, runs: list[dict[str, Any]], cells: list[dict[str, Any]
                 continue
             s = run["summary"]
             for e in evals(run):
-                deltas = forgetting(e, base)
+                deltas = forgetting(e, start_scores(run, base))
                 writer.writerow(
                     [cell, label(s), s["rank"] if s["rank"] is not None else "-", s["lr"], s["seed"], e["step"],
                      round(e["eval/char_acc"], 2), round(e["eval/exact"], 2)]
@@ -202,7 +227,9 @@ def plot(path: Path, chosen: dict[str, list[dict[str, Any]]], profile: str, base
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = 3 if base else 2
+    forgot = next((p for p in ("pairs/loss", "text/ppl") if any(p in start_scores(r, base) for g in chosen.values()
+                                                                 for r in g)), None)  # fmt: skip
+    panels = 3 if forgot else 2
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
     methods = sorted({label(group[0]["summary"]) for group in chosen.values()})
     markers = dict(zip(methods, "osD^v<>phX*P8H", strict=False))
@@ -214,9 +241,9 @@ def plot(path: Path, chosen: dict[str, list[dict[str, Any]]], profile: str, base
         mean, spread = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
         name = label(s)
         xs = [s["trainable_params"], statistics.mean(r["summary"]["train_s"] for r in group)]
-        if base:
-            forgot = [forgetting(evals(run)[-1], base).get("pairs/loss") for run in group]
-            xs.append(statistics.mean(forgot) if None not in forgot else float("nan"))
+        if forgot:
+            deltas = [forgetting(evals(run)[-1], start_scores(run, base)).get(forgot) for run in group]
+            xs.append(statistics.mean(deltas) if None not in deltas else float("nan"))
         for ax, x in zip(axes, xs, strict=True):
             ax.errorbar(
                 x, mean, yerr=spread, marker=markers[name], color=colours[name],
@@ -228,8 +255,9 @@ def plot(path: Path, chosen: dict[str, list[dict[str, Any]]], profile: str, base
     axes[0].set_title(f"accuracy per parameter ({profile}); open: the low budget (r8)")
     axes[1].set_title("accuracy per second")
     axes[1].legend(fontsize=7, ncol=2, loc="best")
-    if base:
-        axes[2].set(xlabel="Δ loss of the base's own pairs (nats per token)", ylabel="character accuracy (%)")
+    if forgot:
+        what = {"pairs/loss": "Δ loss of the base's own pairs (nats per token)", "text/ppl": "Δ held-out text ppl"}
+        axes[2].set(xlabel=what[forgot], ylabel="character accuracy (%)")
         axes[2].set_title("accuracy against forgetting (left: less forgotten)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -246,7 +274,7 @@ def write_results(
     if not runs:
         raise ValueError(f"no finished runs under {root}: run `make reproduce-methods PROFILE={profile}` first")
     runs = [run for run in runs if in_grid(run, cells)]  # a grid moved since: its old points are not reported
-    chosen = best_points([run for run in runs if evals(run)], cells, mean_acc)
+    chosen = best_points([run for run in runs if evals(run)], cells, *TUNING_SCORE, tuned=True)
     base = base_scores(runs)
     out.mkdir(parents=True, exist_ok=True)
     keep_records(runs, records)

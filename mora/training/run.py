@@ -128,9 +128,9 @@ def check_build(cfg: DictConfig) -> None:
 
 
 def check_eval_steps(eval_steps: list[int], steps: int) -> None:
-    bad = [s for s in eval_steps if not 0 < s <= steps]
+    bad = [s for s in eval_steps if not 0 <= s <= steps]
     if bad:
-        raise ValueError(f"train.eval_steps {bad} fall outside 1..{steps} (the run's steps)")
+        raise ValueError(f"train.eval_steps {bad} fall outside 0..{steps} (0: before training; the run's steps)")
 
 
 def total_steps(train: DictConfig, examples: int) -> int:
@@ -148,9 +148,9 @@ def total_steps(train: DictConfig, examples: int) -> int:
 
 def config_hash(cfg: DictConfig) -> str:
     """Hash of what determines the run's numbers (everything but run.*, train.progress, wandb.* and the experiment's
-    description of its table: table, grid, base)."""
+    description of its table: table, grid, base, all_cells)."""
     data = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("run", "wandb", "table", "grid", "base"):
+    for key in ("run", "wandb", "table", "grid", "base", "all_cells"):
         data.pop(key, None)
     data["train"].pop("progress", None)
     for key, neutral in NEUTRAL_TRAIN_SETTINGS.items():
@@ -458,6 +458,24 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
     bar = tqdm(total=steps, initial=start, disable=not accelerator.is_main_process or not t.progress, desc=out.name)
     clock, clock_tokens = time.time(), tokens_seen
     loop_started, eval_s = clock, 0.0
+
+    def evaluate_at(done: int) -> None:
+        nonlocal evaluation, eval_s
+        evaluating = time.time()
+        metrics = [task.evaluate(accelerator.unwrap_model(model), t.eval_batch)]
+        if world > 1:  # every process evaluated; lm-eval reports on LOCAL_RANK 0 only: process 0's result counts
+            broadcast_object_list(metrics, from_process=0)
+        metrics = metrics[0]
+        details = metrics.pop("details", None)
+        record = {"step": done, **{f"eval/{k}": v for k, v in metrics.items()}}
+        record |= {"train/loss": loss_value} if done else {}  # step 0 has no training loss yet
+        history.append(record)
+        log.write(record)
+        evaluation = {"step": done, "scores": metrics, **({"details": details} if details else {})}
+        eval_s += time.time() - evaluating
+
+    if start == 0 and 0 in eval_steps:  # the model before its first step: what training then changes
+        evaluate_at(0)
     for step in range(start, steps):
         examples = next(batches)
         full = task.collate(examples)
@@ -502,17 +520,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:.0f}")
         bar.update(1)
         if done in eval_steps:
-            evaluating = time.time()
-            metrics = [task.evaluate(accelerator.unwrap_model(model), t.eval_batch)]
-            if world > 1:  # every process evaluated; lm-eval reports on LOCAL_RANK 0 only: process 0's result counts
-                broadcast_object_list(metrics, from_process=0)
-            metrics = metrics[0]
-            details = metrics.pop("details", None)
-            record = {"step": done, **{f"eval/{k}": v for k, v in metrics.items()}, "train/loss": loss_value}
-            history.append(record)
-            log.write(record)
-            evaluation = {"step": done, "scores": metrics, **({"details": details} if details else {})}
-            eval_s += time.time() - evaluating
+            evaluate_at(done)
         if t.checkpoint_every and done % t.checkpoint_every == 0 and done < steps:
             save_checkpoint(accelerator, model, out, done, {"tokens": tokens_seen})
     bar.close()
