@@ -266,3 +266,13 @@ def test_where_the_first_seeds_grid_failed_the_later_seeds_are_named_not_run(tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("error: 3 of 3 runs failed: the run in ") and len(err) == 2
     assert err[1] == "error: cells not run at their best: lora-w48-s300 (no finished run of seed 0 to take the best of)"
+
+
+def test_cells_are_picked_by_name_or_pattern_and_a_pattern_of_nothing_is_refused(capsys):
+    assert main(["table3_regime", "--cells", "*-s3000", "--seeds", "0", "--dry-run"]) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if "mora.train" in line]
+    cells = [c for c in experiment("table3_regime", "tiny")["cells"] if c["name"].endswith("-s3000")]
+    assert len(printed) == sum(len(c["lrs"]) for c in cells) and all("-s3000-lr" in line for line in printed)
+    with pytest.raises(SystemExit):
+        main(["table3_regime", "--cells", "*-s9999", "--dry-run"])
+    assert "--cells ['*-s9999'] are not cells of table3_regime" in capsys.readouterr().err

@@ -227,8 +227,8 @@ def plot(path: Path, chosen: dict[str, list[dict[str, Any]]], profile: str, base
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    forgot = next((p for p in ("pairs/loss", "text/ppl") if any(p in start_scores(r, base) for g in chosen.values()
-                                                                 for r in g)), None)  # fmt: skip
+    probed = {probe for group in chosen.values() for run in group for probe in start_scores(run, base)}
+    forgot = next((p for p in ("pairs/loss", "text/ppl") if p in probed), None)  # the third panel's probe, if any
     panels = 3 if forgot else 2
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
     methods = sorted({label(group[0]["summary"]) for group in chosen.values()})
