@@ -106,6 +106,7 @@ def environment(dry: bool) -> dict[str, Any]:
         "versions": {},
         "cuda": torch.version.cuda,
         "device": "cpu",
+        "mora_compile": os.environ.get("MORA_COMPILE", "auto"),
     }
     for name in PACKAGES:
         try:
@@ -327,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no CUDA device is visible to torch; run on a GPU node, or pass --dry for the CPU check")
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out.resolve()
+    if args.dry:  # the path a GPU takes (MORA_COMPILE=auto there): MoRA's compiled reference math, inductor's C++
+        os.environ.setdefault("MORA_COMPILE", "on")
     env = environment(args.dry)
     print(json.dumps(env, indent=2), flush=True)
     parts: dict[str, dict[str, Any]] = {}

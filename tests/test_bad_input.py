@@ -164,6 +164,24 @@ def test_the_table_runner_stops_before_any_run_on_a_bad_value(tmp_path, capsys, 
     assert not (REPO_ROOT / "results" / "table9").exists()
 
 
+@pytest.mark.parametrize("entry", ["mora.train", "mora.launch", "the table runner"])
+def test_a_bad_mora_compile_stops_every_entry_point_before_anything_starts(tmp_path, monkeypatch, capsys, entry):
+    # MORA_COMPILE is read by every MoRA layer at its first call: checked with the config, before any process or run
+    monkeypatch.setenv("MORA_COMPILE", "fast")
+    runs = tmp_path / "runs"
+    if entry == "the table runner":
+        with pytest.raises(SystemExit) as stopped:
+            sys.exit(reproduce(["table4", "--runs", str(runs), "--out", str(tmp_path / "out")]))
+        code, stderr = stopped.value.code, capsys.readouterr().err
+    else:
+        launcher = ["launcher=ddp", "train.micro_batch=16"] if entry == "mora.launch" else []
+        code, stderr = _entry(entry, [*launcher, f"run.root={runs}"], tmp_path, monkeypatch, capsys)
+    lines = stderr.strip().splitlines()
+    assert code == 2 and "Traceback" not in stderr
+    assert lines[-1].startswith("error: MORA_COMPILE='fast' is not one of auto, on, off"), lines
+    assert list(tmp_path.iterdir()) == []
+
+
 def _without_wandb(tmp_path: Path) -> str:
     """A PYTHONPATH on which `import wandb` fails, as on a GPU node's own environment (the wheelhouse has none)."""
     (tmp_path / "site").mkdir()

@@ -125,8 +125,10 @@ def test_gpu_check_dry_writes_its_files_on_cpu(tmp_path):
     out = tmp_path / "out"
     parts = ["table2", "merge", "layer", "table3", "methods"]  # every part; run in the order of gpu_check.PARTS
     cells = ["--cells", "mora-r8", "mora"]  # each table part runs the cells it has
-    cmd = ["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh"), str(out), "--dry", *cells, "--parts"]
-    env = {k: v for k, v in os.environ.items() if k != "MORA_COMMIT"} | {"PYTHON": sys.executable}
+    cmd = ["bash", str(REPO_ROOT / "scripts" / "gpu_check.sh"), str(out), "--dry", *cells, "--runs", str(tmp_path)]
+    cmd += ["--parts"]
+    unset = ("MORA_COMMIT", "MORA_COMPILE")
+    env = {k: v for k, v in os.environ.items() if k not in unset} | {"PYTHON": sys.executable}
     result = subprocess.run([*cmd, *parts], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     names = sorted(p.name for p in out.iterdir())
@@ -134,6 +136,14 @@ def test_gpu_check_dry_writes_its_files_on_cpu(tmp_path):
     assert all(p.is_file() and p.stat().st_size < 2**20 for p in out.iterdir())
     check = json.loads((out / "gpu_check.json").read_text())
     assert check["environment"]["dry"] and len(check["environment"]["commit"]) == 40
+    # a dry check runs the path a GPU takes: every MoRA run on the compiled reference math (inductor's C++ here)
+    assert check["environment"]["mora_compile"] == "on"
+    for table, run_name in (
+        ("methods", "mora-r8-lr0.003-s0"),
+        ("table3", "mora-lr0.0005-s0"),
+        ("table2", "mora-r8-lr0.001-s0"),
+    ):
+        assert json.loads((tmp_path / table / run_name / "env.json").read_text())["mora_compiled"] is True
     assert {name: part["status"] for name, part in check["parts"].items()} == dict.fromkeys(
         ("layer", "methods", "table3", "merge", "table2"), "finished"
     )

@@ -6,7 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
 
 from mora.adapters.build import PAPER_METHODS
 from mora.models import MissingAssetError
@@ -96,6 +98,36 @@ def test_bf16_autocast_over_fp32_weights_trains_close_to_fp32(tmp_path):
     bf16 = run(_compose(*smoke_overrides("mora", "uuid", 2, tmp_path / "bf16"), "train.mixed_precision=bf16"))
     assert bf16["status"] == "finished" and bf16["final_train_loss"] != fp32["final_train_loss"]  # autocast ran
     assert bf16["final_train_loss"] == pytest.approx(fp32["final_train_loss"], rel=0.05)
+
+
+@pytest.mark.slow
+def test_a_run_on_the_compiled_path_trains_as_the_eager_one(tmp_path, monkeypatch):
+    # the path a GPU takes by default (MORA_COMPILE=auto on CUDA), here through inductor's C++, inside the whole
+    # engine: accumulation over two micro-batches, clipping, evaluation under no_grad, saving. Rope: the chunked
+    # operator with tables. Float32, so the two paths differ in rounding only.
+    import mora.adapters.peft_tuner.layer as layer
+
+    calls = []
+    compiled = layer.compiled_mora_linear
+    monkeypatch.setattr(layer, "compiled_mora_linear", lambda *a, **k: calls.append(1) or compiled(*a, **k))
+    records = {}
+    for setting in ("off", "on"):
+        monkeypatch.setenv("MORA_COMPILE", setting)
+        overrides = smoke_overrides("mora", "uuid", 3, tmp_path / setting)
+        summary = run(_compose(*overrides, "adapter.r=2", "adapter.compression=rope", "wandb.mode=disabled"))
+        assert summary["status"] == "finished"
+        env = json.loads((tmp_path / setting / "env.json").read_text())
+        assert (env["mora_compile"], env["mora_compiled"]) == (setting, setting == "on")
+        metrics = [json.loads(line) for line in (tmp_path / setting / "metrics.jsonl").read_text().splitlines()]
+        saved = load_file(tmp_path / setting / "adapter" / "adapter_model.safetensors")
+        records[setting] = ([m["train/loss"] for m in metrics if "tokens" in m], summary["evals"][-1], saved)
+        assert bool(calls) == (setting == "on")  # every MoRA layer of the "on" run, none of the "off" run
+    (eager_losses, eager_eval, eager_M), (losses, evaluation, M) = records["off"], records["on"]
+    assert len(losses) == 3 and losses == pytest.approx(eager_losses, rel=1e-5)
+    assert evaluation["eval/loss"] == pytest.approx(eager_eval["eval/loss"], rel=1e-5)
+    assert M.keys() == eager_M.keys() and all(eager_M[k].abs().max() > 1e-4 for k in M)  # M moved from zero
+    for k in M:
+        torch.testing.assert_close(M[k], eager_M[k], rtol=1e-3, atol=1e-6)
 
 
 def test_a_finished_run_folder_is_never_overwritten(tmp_path):

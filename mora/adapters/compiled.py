@@ -37,11 +37,17 @@ BACKEND = "inductor"
 RECOMPILE_LIMIT = 64  # graphs of the compiled layer function: layer shapes x dtypes x grad modes x dropout or not
 
 
-def wanted(device: torch.device) -> bool:
-    """Whether a layer on `device` takes the compiled path, as MORA_COMPILE says (auto: CUDA devices only)."""
+def setting() -> str:
+    """MORA_COMPILE's value (`auto` where unset); a value not in CHOICES raises one line naming it and the fix."""
     choice = os.environ.get(ENV, "auto")
     if choice not in CHOICES:
         raise ValueError(f"{ENV}={choice!r} is not one of {', '.join(CHOICES)}: unset it or choose one")
+    return choice
+
+
+def wanted(device: torch.device) -> bool:
+    """Whether a layer on `device` takes the compiled path, as MORA_COMPILE says (auto: CUDA devices only)."""
+    choice = setting()
     return choice == "on" or (choice == "auto" and device.type == "cuda")
 
 

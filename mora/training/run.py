@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from mora.adapters import compiled
 from mora.adapters.build import METHODS, Adapted, build_adapter, method_name
 from mora.adapters.peft_tuner import MoraLayer
 from mora.config import check
@@ -63,6 +64,7 @@ def validate(cfg: DictConfig, world: int = 1) -> None:
     (mora.config.check, which also checks the run folder), then the rules across values. One clear
     ValueError per bad value."""
     check(cfg)
+    compiled.setting()  # MORA_COMPILE, which every MoRA layer reads at its first call
     if cfg.adapter.method not in METHODS:
         raise ValueError(f"unknown adapter.method {cfg.adapter.method!r}; choose one of {', '.join(METHODS)}")
     if cfg.adapter.method != "fft" and cfg.adapter.get("r") is None:
@@ -240,6 +242,10 @@ def environment(accelerator: Accelerator) -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "world_size": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type),
+        # MoRA's path: MORA_COMPILE, and whether it wants the compiled path on this device (a layer that ZeRO-3 or
+        # offload hooks gather still runs eager: MoraLinear._path)
+        "mora_compile": compiled.setting(),
+        "mora_compiled": compiled.wanted(accelerator.device),
     }
 
 
