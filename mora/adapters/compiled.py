@@ -15,14 +15,17 @@ dynamic at its second value, and the operators' shape arithmetic is not written 
 or four layer shapes, so a training run compiles three or four graphs, once, in its first step (measured by
 bench/layer.py: its `first s` column). Dynamo's limit of graphs per function is raised from 8 to RECOMPILE_LIMIT.
 
-The switch: MORA_COMPILE in the environment, `auto` (the default: CUDA devices), `on` (every device, e.g. to test
-on a CPU, where inductor emits C++), `off` (never: the eager path runs everywhere). The layer asks `wanted`.
+The switch: MORA_COMPILE in the environment, `auto` (the default: CUDA devices that Triton supports, else the eager
+path with one warning), `on` (every device, e.g. to test on a CPU, where inductor emits C++), `off` (never: the
+eager path runs everywhere). The layer asks `wanted`.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -46,9 +49,27 @@ def setting() -> str:
 
 
 def wanted(device: torch.device) -> bool:
-    """Whether a layer on `device` takes the compiled path, as MORA_COMPILE says (auto: CUDA devices only)."""
+    """Whether a layer on `device` takes the compiled path, as MORA_COMPILE says: `auto`, CUDA devices that inductor
+    can generate kernels for (else the eager path, with one warning naming why); `on`, every device; `off`, none."""
     choice = setting()
-    return choice == "on" or (choice == "auto" and device.type == "cuda")
+    if choice != "auto" or device.type != "cuda":
+        return choice == "on"
+    why = cannot_compile_for(device)
+    if why is not None:
+        warnings.warn(f"{ENV}=auto: {why}, so MoRA runs its eager path ({ENV}=off: no warning)", stacklevel=2)
+    return why is None
+
+
+@functools.cache
+def cannot_compile_for(device: torch.device) -> str | None:
+    """Why inductor cannot generate kernels for the CUDA `device`, or None: its GPU kernels are Triton's, and Triton
+    needs its package (CUDA builds of torch on Linux bring it) and compute capability 7.0 or above (Volta)."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 7:
+        return f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}, below Triton's 7.0"
+    return None
 
 
 def linear_plus_delta(

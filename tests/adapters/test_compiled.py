@@ -84,7 +84,41 @@ def test_the_switch(setting, device, expected, monkeypatch):
         monkeypatch.delenv(compiled.ENV, raising=False)
     else:
         monkeypatch.setenv(compiled.ENV, setting)
+    monkeypatch.setattr(compiled, "cannot_compile_for", lambda device: None)  # a GPU that Triton supports
     assert wanted(torch.device(device)) is expected
+
+
+@pytest.mark.parametrize(
+    "triton,capability,why",
+    [
+        (False, (9, 0), "Triton is not installed"),
+        (True, (6, 0), "Tesla P100-PCIE-16GB has compute capability 6.0, below Triton's 7.0"),
+        (True, (7, 0), None),
+        (True, (9, 0), None),
+    ],
+)
+def test_auto_falls_back_to_eager_with_one_warning_where_triton_cannot_compile(triton, capability, why, monkeypatch):
+    # a CUDA build of torch without Triton, or a GPU older than Volta: inductor cannot generate its kernels there, so
+    # `auto` runs the eager path and says why, `on` still tries (the user's choice), `off` is silent
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if triton else None)  # "triton" only
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla P100-PCIE-16GB")
+    compiled.cannot_compile_for.cache_clear()
+    try:
+        gpu = torch.device("cuda", 0)
+        assert compiled.cannot_compile_for(gpu) == why
+        monkeypatch.setenv(compiled.ENV, "auto")
+        if why is None:
+            assert wanted(gpu) is True
+        else:
+            with pytest.warns(UserWarning, match=rf"^MORA_COMPILE=auto: {why}, so MoRA runs its eager path"):
+                assert wanted(gpu) is False
+        monkeypatch.setenv(compiled.ENV, "on")
+        assert wanted(gpu) is True
+    finally:
+        compiled.cannot_compile_for.cache_clear()
 
 
 def test_a_bad_switch_value_is_one_clear_line(monkeypatch):
