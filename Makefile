@@ -38,7 +38,7 @@ export WANDB_MODE ?= offline
 .PHONY: help install test test-fast lint reproduce-table1 reproduce-table2 reproduce-table2-regime reproduce-table3 reproduce-table3-regime reproduce-table3-regime-long reproduce-table4 reproduce-methods reproduce-methods-regime budgets rehearse smoke prefetch bench inspect wheelhouse gpu-check clean
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-20s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-29s %s\n", $$1, $$2}'
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -115,8 +115,8 @@ bench: $(STAMP) ## speed and memory benchmarks -> results/bench/ (about 65 min o
 wheelhouse: $(STAMP) ## on a networked machine: wheels of the lock except torch -> wheelhouse/ (WHEELHOUSE_ARGS="--python-version 3.12 --only ...")
 	$(PY) scripts/wheelhouse.py $(WHEELHOUSE_ARGS)
 
-gpu-check: ## on one GPU: environment, bf16 layer/merge benchmarks, Table 2 gpu profile -> OUT=folder (DRY=1: CPU, tiny)
-	bash scripts/gpu_check.sh $(if $(OUT),$(OUT),$(error set OUT=folder for the result files)) $(if $(DRY),--dry)
+gpu-check: ## on one GPU: environment, then PARTS (default layer methods merge; also table3 table2) -> OUT=folder (DRY=1: CPU, tiny)
+	bash scripts/gpu_check.sh $(if $(OUT),$(OUT),$(error set OUT=folder for the result files)) $(if $(DRY),--dry) $(if $(PARTS),--parts $(PARTS))
 
 inspect: $(STAMP) ## per-layer r_hat and parameters, e.g. make inspect ARGS="model=llama2_7b adapter=mora adapter.r=8"
 	$(PY) -m mora.inspect $(ARGS)

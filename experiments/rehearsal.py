@@ -4,7 +4,9 @@ shape, precision, restarts, evaluation columns and reporter, and only its sizes 
 - the model: its architecture, 64 wide and 2 layers deep (its MLP / width and key-value / query head ratios kept);
   a pretrained hub model (LLaMA-2-7B) becomes a randomly initialised stand-in of that shape saved in a local folder
   with the fixtures' tokenizer (`stand_in`), a model built from config is built at that shape;
-- the adapter's rank and alpha: scaled with the width (r / width and alpha / r as the paper's), at least 1;
+- the adapter's rank and alpha: scaled with the width (r / width and alpha / r as the paper's), at least 1 (GraLoRA:
+  a multiple of its k), and so a method's own rank (`adapter.args.r`: MiSS, LoKr, RandLoRA); C3A's block sizes
+  scaled with the width to divisors of the shrunk layers;
 - the data: each task's local fixtures in its source's schema (the tiny profile's `task` sources and sizes),
   `REHEARSAL_PAIRS` UUID pairs, `EVAL_LIMIT` documents per benchmark;
 - the schedule: `REHEARSAL_STEPS` steps (a run set in epochs keeps its epochs over the fixture), warmup, eval
@@ -21,6 +23,7 @@ table that way and checks each run's saved adapter.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -70,9 +73,16 @@ def hydra_value(value: Any) -> str:
 
 
 def replace(overrides: list[str], values: dict[str, Any]) -> list[str]:
-    """The overrides with `values` in place of any override of the same keys (Hydra refuses a key twice)."""
-    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in values]
-    return [*kept, *(f"{k}={hydra_value(v)}" for k, v in values.items())]
+    """The overrides with `values` in place of any override of the same keys (Hydra refuses a key twice), each with
+    the `+` / `++` of the one it replaces (a key the config lacks stays added)."""
+    kept, added = [], {}
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if key.lstrip("+~") in values:
+            added[key.lstrip("+~")] = key[: len(key) - len(key.lstrip("+"))]
+        else:
+            kept.append(override)
+    return [*kept, *(f"{added.get(k, '')}{k}={hydra_value(v)}" for k, v in values.items())]
 
 
 def _scaled(value: int, steps: int) -> int:
@@ -80,18 +90,22 @@ def _scaled(value: int, steps: int) -> int:
     return 0 if not value else max(1, min(REHEARSAL_STEPS, round(value * REHEARSAL_STEPS / steps)))
 
 
+def model_shape(c: DictConfig) -> dict[str, int]:
+    """A model config's sizes at rehearsal size: WIDTH wide, LAYERS deep, HEADS heads, its ratios kept."""
+    heads = int(c.num_attention_heads)
+    return {
+        "hidden_size": WIDTH,
+        "intermediate_size": round(WIDTH * c.intermediate_size / c.hidden_size),
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": max(1, HEADS * int(c.get("num_key_value_heads") or heads) // heads),
+    }
+
+
 def model_values(model: DictConfig, root: Path, stand_ins: Path) -> dict[str, Any]:
     """The model at rehearsal size; a pretrained hub model's stand-in folder is made here when missing (a base model
     that the runner trains under `root` stays as it is)."""
-    c = model.config
-    heads = int(c.num_attention_heads)
-    values: dict[str, Any] = {
-        "model.config.hidden_size": WIDTH,
-        "model.config.intermediate_size": round(WIDTH * c.intermediate_size / c.hidden_size),
-        "model.config.num_hidden_layers": LAYERS,
-        "model.config.num_attention_heads": HEADS,
-        "model.config.num_key_value_heads": max(1, HEADS * int(c.get("num_key_value_heads") or heads) // heads),
-    }
+    values: dict[str, Any] = {f"model.config.{k}": v for k, v in model_shape(model.config).items()}
     pretrained = model.get("pretrained")
     if pretrained and not Path(str(pretrained)).is_relative_to(root):
         folder = stand_ins / str(model.name)
@@ -120,14 +134,46 @@ def stand_in(model: DictConfig, folder: Path) -> None:
 
 
 def adapter_values(cfg: DictConfig) -> dict[str, Any]:
-    """Rank and alpha scaled with the width: r / width and alpha / r stay the paper's."""
+    """Rank and alpha scaled with the width: r / width and alpha / r stay the paper's; GraLoRA's r stays a multiple
+    of its k blocks; a method's own rank (adapter.args.r) and C3A's blocks (`block_values`) scale with the width
+    too."""
     a = cfg.adapter
     if a.method == "fft" or a.get("r") is None:
         return {}
     r = max(1, round(a.r * WIDTH / cfg.model.config.hidden_size))
+    blocks = (a.get("args") or {}).get("gralora_k")
+    if blocks:  # a rank-r/k LoRA on each of k x k blocks
+        r = blocks * math.ceil(r / blocks)
     values: dict[str, Any] = {"adapter.r": r}
     if a.get("alpha") is not None:
         values["adapter.alpha"] = float(a.alpha) * r / a.r
+    args = a.get("args") or {}
+    own = "r" in args and not OmegaConf.is_interpolation(args, "r")  # a method's own rank (MiSS, LoKr, RandLoRA)
+    if own:
+        values["adapter.args.r"] = max(1, round(args.r * WIDTH / cfg.model.config.hidden_size))
+    if "r" in args and args.get("alpha") is not None:  # and its alpha, alpha / r kept (LoKr, GraLoRA)
+        values["adapter.args.alpha"] = float(args.alpha) * (values["adapter.args.r"] if own else r) / args.r
+    return values | block_values(cfg)
+
+
+def block_values(cfg: DictConfig) -> dict[str, Any]:
+    """C3A's block sizes (adapter.args.block_size and its per-module pattern) at rehearsal size: each scaled with
+    the width, then down to a divisor of every layer size of the shrunk model, as a block must divide its layer's
+    d_in and d_out (at least 1)."""
+    args = cfg.adapter.get("args") or {}
+    if cfg.adapter.method != "peft" or "block_size" not in args:
+        return {}
+    c, shape = cfg.model.config, model_shape(cfg.model.config)
+    head = WIDTH // shape["num_attention_heads"]
+    sizes = math.gcd(WIDTH, shape["intermediate_size"], head * shape["num_key_value_heads"])
+
+    def fit(block: int) -> int:
+        scaled = max(1, round(block * WIDTH / c.hidden_size))
+        return max(d for d in range(1, sizes + 1) if sizes % d == 0 and d <= scaled)
+
+    values = {"adapter.args.block_size": fit(args.block_size)}
+    for module, block in (args.get("block_size_pattern") or {}).items():
+        values[f"adapter.args.block_size_pattern.{module}"] = fit(block)
     return values
 
 

@@ -1,6 +1,6 @@
 """A dress rehearsal of every GPU profile on this machine, before anyone spends GPU hours on it (make rehearse).
 
-    python experiments/rehearse.py                                   # every run of Tables 1-4 (paper) and 2 (gpu)
+    python experiments/rehearse.py                                   # every run of every table's paper and gpu profile
     python experiments/rehearse.py --profiles paper --tables table3  # one table
     python experiments/rehearse.py --cells mora-r8 lora-r8           # some cells of every table that has them
     python experiments/rehearse.py --quick                           # CI's subset (below)
@@ -34,7 +34,7 @@ from mora.cli import OneLineParser  # noqa: E402
 # every table of a GPU profile: (table, profile)
 TABLES = (
     ("table1", "paper"), ("table2", "paper"), ("table3", "paper"), ("table4", "paper"), ("methods", "paper"),
-    ("table2", "gpu"),
+    ("table2", "gpu"), ("table3", "gpu"), ("methods", "gpu"),
 )  # fmt: skip
 SEEDS = {"paper": "42", "gpu": "0"}  # the make targets' first seed of each profile
 # CI's subset, each cell at its first learning rate and search point: every multi-process launcher (DDP, ZeRO-2,

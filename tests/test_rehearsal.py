@@ -9,6 +9,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from experiments import rehearsal, rehearse, reproduce
+from mora.adapters.build import build_adapter
+from mora.models import build_model
 from mora.training.run import validate
 
 # what a rehearsal must leave as the profile has it: the launcher, the method, the optimizer and schedule shape,
@@ -88,8 +90,17 @@ def test_a_rehearsed_run_keeps_its_profiles_code_path_and_shrinks_only_its_sizes
             assert 1 <= shrunk.adapter.restart.every < rehearsal.REHEARSAL_STEPS, what
             assert bool(shrunk.adapter.restart.warmup) == bool(paper.adapter.restart.warmup), what
         if paper.adapter.get("r"):
-            ratio = paper.adapter.r / p.hidden_size
-            assert shrunk.adapter.r == max(1, round(ratio * rehearsal.WIDTH)), what
+            r = max(1, round(paper.adapter.r / p.hidden_size * rehearsal.WIDTH))
+            k = (paper.adapter.get("args") or {}).get("gralora_k", 1)  # GraLoRA: r a multiple of its k blocks
+            assert shrunk.adapter.r == k * -(-r // k), what
+        args, shrunk_args = paper.adapter.get("args") or {}, shrunk.adapter.get("args") or {}
+        if "r" in args and not OmegaConf.is_interpolation(args, "r"):  # a method's own rank, with the width too
+            assert shrunk_args.r == max(1, round(args.r / p.hidden_size * rehearsal.WIDTH)), what
+        if "r" in args and "alpha" in args:
+            assert shrunk_args.alpha / shrunk_args.r == pytest.approx(args.alpha / args.r), what
+        # every method's knobs fit the shrunk model (C3A's blocks divide its layers): the adapter builds (on the CPU:
+        # SHiRA's mask cannot be made on the meta device), on the architecture that its stand-in or base would have
+        build_adapter(build_model({**shrunk.model, "pretrained": None}), shrunk.adapter)
         if paper.model.get("pretrained") and not str(paper.model.pretrained).startswith(str(tmp_path)):
             assert (tmp_path / "models" / paper.model.name / "config.json").is_file(), what  # the stand-in
         if "columns" in (paper.task.get("eval") or {}):
