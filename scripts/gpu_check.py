@@ -122,6 +122,11 @@ def environment(dry: bool) -> dict[str, Any]:
             multiprocessors=props.multi_processor_count,
             visible_gpus=torch.cuda.device_count(),
         )
+    from mora.adapters.compiled import wanted
+
+    # whether a MoRA layer on this device takes the compiled path (auto: not where Triton cannot compile, e.g.
+    # without its package; the runs' env.json say it too)
+    env["mora_compiled"] = wanted(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if shutil.which("nvidia-smi"):
         query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit"
         result = subprocess.run(["nvidia-smi", query, "--format=csv,noheader"], capture_output=True, text=True)
@@ -267,6 +272,9 @@ def markdown(env: dict[str, Any], parts: dict[str, dict[str, Any]]) -> str:
         "",
         f"Commit {env['commit'][:12]}{dirty}; Python {env['python']}; CUDA {env['cuda']}; {env['platform']}.",
         "",
+        f"MoRA's layers take the {'compiled' if env['mora_compiled'] else 'eager'} path "
+        f"(MORA_COMPILE={env['mora_compile']}; the layer part times both).",
+        "",
         "| package | version |",
         "|---|---|",
         *(f"| {k} | {v} |" for k, v in env["versions"].items()),
@@ -320,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         names = [cell["name"] for cell in experiment(table, "gpu")["cells"]]
         if not set(args.cells) & set(names):
             parser.error(f"--cells {' '.join(args.cells)}: {table}'s gpu profile has none of them ({' '.join(names)})")
+    from mora.adapters.compiled import setting
+
+    try:
+        setting()  # MORA_COMPILE, which every part's MoRA layers read
+    except ValueError as error:
+        parser.error(str(error))
     if args.out.exists() and any(args.out.iterdir()):
         parser.error(f"{args.out} is not empty; give a new or empty folder (nothing is overwritten)")
     import torch

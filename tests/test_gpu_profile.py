@@ -137,7 +137,8 @@ def test_gpu_check_dry_writes_its_files_on_cpu(tmp_path):
     check = json.loads((out / "gpu_check.json").read_text())
     assert check["environment"]["dry"] and len(check["environment"]["commit"]) == 40
     # a dry check runs the path a GPU takes: every MoRA run on the compiled reference math (inductor's C++ here)
-    assert check["environment"]["mora_compile"] == "on"
+    assert check["environment"]["mora_compile"] == "on" and check["environment"]["mora_compiled"] is True
+    assert "MoRA's layers take the compiled path (MORA_COMPILE=on;" in (out / "gpu_check.md").read_text()
     for table, run_name in (
         ("methods", "mora-r8-lr0.003-s0"),
         ("table3", "mora-lr0.0005-s0"),
@@ -176,6 +177,16 @@ def test_gpu_check_refuses_a_folder_with_files_and_writes_nothing(tmp_path):
     )
     assert result.returncode == 2 and "is not empty" in result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["old.json"]
+
+
+def test_gpu_check_refuses_a_bad_mora_compile_in_one_line_and_writes_nothing(tmp_path):
+    env = {**os.environ, "MORA_COMPILE": "fast"}
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "gpu_check.py"), str(tmp_path / "out"), "--dry"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert lines[-1].startswith("error: MORA_COMPILE='fast' is not one of auto, on, off"), lines
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_gpu_check_stopped_from_outside_stops_its_part_and_reports(tmp_path):
