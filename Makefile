@@ -110,6 +110,7 @@ bench: $(STAMP) ## speed and memory benchmarks -> results/bench/ (about 65 min o
 	$(PY) bench/layer.py --tokens 2x256 1x2048 --dtype bfloat16 --repeats 5
 	$(PY) bench/merge.py
 	$(PY) bench/model.py
+	$(PY) bench/memory.py
 	$(PY) bench/table2_time.py
 
 wheelhouse: $(STAMP) ## on a networked machine: wheels of the lock except torch -> wheelhouse/ (WHEELHOUSE_ARGS="--python-version 3.12 --only ...")

@@ -266,9 +266,24 @@ def delta(
         return decompress_sharing(y, d_out, grouping_out)
     s = surviving_chunks(d_in, d_out, size)  # decouple / rope: only the chunks that reach the output
     cos, sin = chunk_tables(size, s, tables, x) if compression == "rope" else (None, None)
-    chunks = wrap(x, s * size).unflatten(-1, (s, size))  # (..., s, size): the wrap-padded input's chunks
-    y = torch.einsum("...cj,cij->...ci", chunks, chunk_blocks(M, s, cos, sin)).flatten(-2)  # (..., s * size): X_c P_c^T
+    y = chunk_products(x, chunk_blocks(M, s, cos, sin)).flatten(-2)  # (..., s * size): X_c P_c^T
     return y[..., :d_out] if s * size >= d_out else tile(y, d_out)
+
+
+def chunk_products(x: Tensor, P: Tensor) -> Tensor:
+    """X_c P_c^T for the first s chunks X_c of the wrap-padded input: x (..., d_in), P (s, size, size) -> (..., s,
+    size). Every operand is a view of x, never a padded copy, so that autograd keeps x itself for backward: the
+    chunks inside x in one einsum, each chunk that wraps around as the sum over its runs of contiguous features."""
+    d_in, (s, size) = x.shape[-1], P.shape[:2]
+    inside = min(s, d_in // size)
+    parts = []  # (..., chunks, size) each
+    if inside:  # none where r_hat > d_in: every chunk wraps
+        chunks = x[..., : inside * size].unflatten(-1, (inside, size))  # (..., inside, size), a view
+        parts.append(torch.einsum("...cj,cij->...ci", chunks, P[:inside]))
+    for c in range(inside, s):  # (..., size) each: run (offset o in the chunk, first feature f, length n)
+        runs = wrap_runs(c * size, (c + 1) * size, d_in)
+        parts.append(sum(x[..., f : f + n] @ P[c, :, o : o + n].T for o, f, n in runs).unsqueeze(-2))
+    return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
 
 
 def delta_weight(
