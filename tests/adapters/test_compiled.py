@@ -1,6 +1,9 @@
 """The compiled GPU path (mora.adapters.compiled) on the CPU: forward and gradients against the reference math in
 float64 on every operator, through dynamo + AOTAutograd (every shape class) and inductor itself (its C++ backend,
-one shape per operator); one graph for every token count; the MORA_COMPILE switch; the layer's choice."""
+one shape per operator); no more kept for backward than the input itself; one graph for every token count; the
+MORA_COMPILE switch and its fallback where Triton cannot compile; the layer's choice."""
+
+import warnings
 
 import pytest
 import torch
@@ -145,6 +148,10 @@ def test_auto_falls_back_to_eager_with_one_warning_where_triton_cannot_compile(t
                 assert wanted(gpu) is False
         monkeypatch.setenv(compiled.ENV, "on")
         assert wanted(gpu) is True
+        monkeypatch.setenv(compiled.ENV, "off")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert wanted(gpu) is False
     finally:
         compiled.cannot_compile_for.cache_clear()
 
