@@ -40,6 +40,7 @@ from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -341,9 +342,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry and not torch.cuda.is_available():
         parser.error("no CUDA device is visible to torch; run on a GPU node, or pass --dry for the CPU check")
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out.resolve()
-    if args.dry:  # the path a GPU takes (MORA_COMPILE=auto there): MoRA's compiled reference math, inductor's C++
-        os.environ.setdefault("MORA_COMPILE", "on")
+    # a dry check takes the path a GPU takes (MORA_COMPILE=auto there): MoRA's compiled reference math, inductor's
+    # C++ here; for this check and its parts only, never for a process that calls main()
+    dry = {"MORA_COMPILE": "on"} if args.dry and "MORA_COMPILE" not in os.environ else {}
+    with mock.patch.dict(os.environ, dry):
+        return run_check(args, args.out.resolve(), budgets)
+
+
+def run_check(args: argparse.Namespace, out: Path, budgets: dict[str, float | None]) -> int:
+    """The environment, then every part chosen, in the order of PARTS, into `out`: 0 when every part finished."""
     env = environment(args.dry)
     print(json.dumps(env, indent=2), flush=True)
     parts: dict[str, dict[str, Any]] = {}

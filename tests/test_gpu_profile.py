@@ -278,10 +278,12 @@ def test_stopping_a_part_stops_its_whole_process_group(tmp_path):
 def test_a_dry_check_has_no_budgets_unless_given(monkeypatch, tmp_path):
     from scripts import gpu_check
 
+    monkeypatch.delenv("MORA_COMPILE", raising=False)
     seen = {}
 
     def fake_part(name, cmd, budget_s, poll=None):  # records the budgets main() hands out; runs nothing
         seen[name] = budget_s
+        assert os.environ["MORA_COMPILE"] == "on"  # a dry check's parts take the GPU's path
         return {"status": "finished", "wall_s": 0.0, "budget_s": budget_s, "command": cmd[1:]}
 
     def fake_table(table, out, runs, scratch, budget_s, dry, cells):
@@ -296,6 +298,9 @@ def test_a_dry_check_has_no_budgets_unless_given(monkeypatch, tmp_path):
     seen.clear()
     assert gpu_check.main([str(tmp_path / "b"), "--dry", "--merge-s", "7", "--parts", "table2", "merge"]) == 0
     assert list(seen.items()) == [("merge", 7.0), ("table2", None)]  # in the order of PARTS
+    # and the process that called it keeps its own path: a leaked MORA_COMPILE=on once sent every later test of
+    # this process through the compiler, until dynamo's graph limit failed them
+    assert "MORA_COMPILE" not in os.environ
 
 
 def test_the_default_parts_fit_a_lent_gpus_call():

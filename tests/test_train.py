@@ -105,11 +105,14 @@ def test_a_run_on_the_compiled_path_trains_as_the_eager_one(tmp_path, monkeypatc
     # the path a GPU takes by default (MORA_COMPILE=auto on CUDA), here through inductor's C++, inside the whole
     # engine: accumulation over two micro-batches, clipping, evaluation under no_grad, saving. Rope: the chunked
     # operator with tables. Float32, so the two paths differ in rounding only.
+    import mora.adapters.compiled
     import mora.adapters.peft_tuner.layer as layer
 
-    calls = []
+    calls, fresh = [], []
     compiled = layer.compiled_mora_linear
     monkeypatch.setattr(layer, "compiled_mora_linear", lambda *a, **k: calls.append(1) or compiled(*a, **k))
+    forget = mora.adapters.compiled.forget_graphs  # each run starts without the graphs of runs before it
+    monkeypatch.setattr(mora.adapters.compiled, "forget_graphs", lambda: fresh.append(1) or forget())
     records = {}
     for setting in ("off", "on"):
         monkeypatch.setenv("MORA_COMPILE", setting)
@@ -122,6 +125,7 @@ def test_a_run_on_the_compiled_path_trains_as_the_eager_one(tmp_path, monkeypatc
         saved = load_file(tmp_path / setting / "adapter" / "adapter_model.safetensors")
         records[setting] = ([m["train/loss"] for m in metrics if "tokens" in m], summary["evals"][-1], saved)
         assert bool(calls) == (setting == "on")  # the "on" run took the compiled path, the "off" run never
+    assert len(fresh) == 2
     (eager_losses, eager_eval, eager_M), (losses, evaluation, M) = records["off"], records["on"]
     assert len(losses) == 3 and losses == pytest.approx(eager_losses, rel=1e-5)
     assert evaluation["eval/loss"] == pytest.approx(eager_eval["eval/loss"], rel=1e-5)

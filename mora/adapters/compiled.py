@@ -13,7 +13,9 @@ do not recompile (one token alone is specialised: 0/1 sizes always are); the lay
 that each layer shape gets kernels of its own, never a generic graph (dynamo would otherwise make a dimension
 dynamic at its second value, and the operators' shape arithmetic is not written for symbolic sizes). A LLaMA has three
 or four layer shapes, so a training run compiles three or four graphs, once, in its first step (measured by
-bench/layer.py: its `first s` column). Dynamo's limit of graphs per function is raised from 8 to RECOMPILE_LIMIT.
+bench/layer.py: its `first s` column). Dynamo's limit of graphs per function is raised from 8 to RECOMPILE_LIMIT;
+a process that goes past it anyway (many models in one process, without `forget_graphs` between them) runs the
+layers past it uncompiled, with a warning, rather than failing.
 
 The switch: MORA_COMPILE in the environment, `auto` (the default: CUDA devices that Triton supports, else the eager
 path with one warning), `on` (every device, e.g. to test on a CPU, where inductor emits C++), `off` (never: the
@@ -114,5 +116,21 @@ def compiled_mora_linear(
         torch._dynamo.mark_static(t, 1)  # the layer's width: one graph per layer shape, never a generic one
     for t in (weight, M) if bias is None else (weight, M, bias):
         torch._dynamo.mark_static(t)
-    out = compiled_function(backend or BACKEND)(x2, h2, weight, bias, M, compression, tables)
+    try:
+        out = compiled_function(backend or BACKEND)(x2, h2, weight, bias, M, compression, tables)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:  # a process that has compiled RECOMPILE_LIMIT graphs already
+        warnings.warn(
+            f"MoRA's compiled path holds {torch._dynamo.config.recompile_limit} graphs already (dynamo's limit), so "
+            f"a layer {d_in}->{d_out} runs its reference math uncompiled; forget_graphs() between runs avoids it",
+            stacklevel=2,
+        )
+        out = linear_plus_delta(x2, h2, weight, bias, M, compression, tables)
     return out.view(*x.shape[:-1], d_out)
+
+
+def forget_graphs() -> None:
+    """Drop every graph compiled so far (torch._dynamo.reset), where this function compiled any: a process that trains
+    one model after another (a Hydra multirun, the in-process table runner) then compiles each run's graphs afresh
+    and never reaches dynamo's limit of graphs per function. The training engine calls it as each run starts."""
+    if compiled_function.cache_info().currsize:
+        torch._dynamo.reset()

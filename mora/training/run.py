@@ -315,6 +315,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train cfg.adapter on cfg.task with cfg.model; returns the summary (also written to summary.json)."""
     world = world_size()
     validate(cfg, world)
+    compiled.forget_graphs()  # graphs of a run before this one in the same process (a Hydra multirun)
     accelerator = make_accelerator(cfg.train.global_batch // (cfg.train.micro_batch * world))
     reset_peak_memory(accelerator.device)  # this run's peak, also in a process that ran others before
     out = run_dir(cfg, accelerator)

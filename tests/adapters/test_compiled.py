@@ -106,6 +106,30 @@ def test_one_graph_per_layer_shape_serves_every_token_count():
     assert counter.frame_count == len(shapes)
 
 
+def test_past_dynamos_graph_limit_a_layer_runs_uncompiled_with_a_warning_and_forget_graphs_starts_afresh():
+    # a process that trains one model after another piles up graphs; past dynamo's limit the layer must not fail
+    # (fullgraph=True turns the limit into an error): its reference math runs uncompiled, with the same numbers
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled.compiled_function(counter)  # built first: it raises dynamo's limit to RECOMPILE_LIMIT, patched lower below
+    M, tables = torch.randn(6, 6, dtype=torch.float64), rope_tables(6, n_chunks(40, 6))
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for d_out in (24, 25, 26):
+            x, weight = torch.randn(5, 40, dtype=torch.float64), torch.randn(d_out, 40, dtype=torch.float64)
+            want = x @ weight.T + x @ delta_weight(M, 40, d_out, "rope").T
+            if d_out < 26:
+                got = compiled_mora_linear(x, x, weight, None, M, "rope", tables, backend=counter)
+            else:
+                with pytest.warns(UserWarning, match=r"holds 2 graphs already \(dynamo's limit\), so a layer 40->26"):
+                    got = compiled_mora_linear(x, x, weight, None, M, "rope", tables, backend=counter)
+            assert torch.allclose(got, want, atol=1e-10)
+        assert counter.frame_count == 2
+        compiled.forget_graphs()  # as each training run starts: the next shape compiles again
+        compiled_mora_linear(x, x, weight, None, M, "rope", tables, backend=counter)
+        assert counter.frame_count == 3
+    compiled.compiled_function.cache_clear()
+
+
 @pytest.mark.parametrize(
     "setting,device,expected",
     [(None, "cuda", True), (None, "cpu", False), ("auto", "cuda", True), ("on", "cpu", True), ("off", "cuda", False)],
