@@ -24,6 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import write  # noqa: E402
+from bench.model import saved_bytes  # noqa: E402
 from mora.adapters.build import build_adapter  # noqa: E402
 from mora.adapters.compiled import ENV  # noqa: E402
 
@@ -34,27 +35,16 @@ OPERATORS = ["truncation", "sharing", "decouple", "rope"]
 PATHS = {"eager": "off", "compiled": "on"}  # a path -> its MORA_COMPILE setting
 
 
-def kept_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd keeps for backward during one forward (then the backward runs)."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return sum(storages.values())
-
-
 def per_token(adapter: dict, seq: int) -> float:
     """Bytes kept for backward per token by one LLaMA-7B decoder layer with `adapter`."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**LLAMA_7B_LAYER, num_key_value_heads=32, vocab_size=VOCAB))
     adapted = build_adapter(model, adapter, seed=0).model.train()
-    one, two = (kept_bytes(adapted, torch.randint(0, VOCAB, (batch, seq))) for batch in (1, 2))
-    return (two - one) / seq
+    kept = []
+    for sequences in (1, 2):
+        ids = torch.randint(0, VOCAB, (sequences, seq))
+        kept.append(saved_bytes(adapted, {"input_ids": ids, "labels": ids}))
+    return (kept[1] - kept[0]) / seq
 
 
 def main() -> None:

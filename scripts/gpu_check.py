@@ -107,7 +107,6 @@ def environment(dry: bool) -> dict[str, Any]:
         "versions": {},
         "cuda": torch.version.cuda,
         "device": "cpu",
-        "mora_compile": os.environ.get("MORA_COMPILE", "auto"),
     }
     for name in PACKAGES:
         try:
@@ -123,10 +122,11 @@ def environment(dry: bool) -> dict[str, Any]:
             multiprocessors=props.multi_processor_count,
             visible_gpus=torch.cuda.device_count(),
         )
-    from mora.adapters.compiled import wanted
+    from mora.adapters.compiled import setting, wanted
 
-    # whether a MoRA layer on this device takes the compiled path (auto: not where Triton cannot compile, e.g.
-    # without its package; the runs' env.json say it too)
+    # MORA_COMPILE, and whether a MoRA layer on this device takes the compiled path (auto: not where Triton cannot
+    # compile, e.g. without its package; the runs' env.json say it too)
+    env["mora_compile"] = setting()
     env["mora_compiled"] = wanted(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if shutil.which("nvidia-smi"):
         query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit"
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [cell["name"] for cell in experiment(table, "gpu")["cells"]]
         if not set(args.cells) & set(names):
             parser.error(f"--cells {' '.join(args.cells)}: {table}'s gpu profile has none of them ({' '.join(names)})")
-    from mora.adapters.compiled import setting
+    from mora.adapters.compiled import ENV, setting
 
     try:
         setting()  # MORA_COMPILE, which every part's MoRA layers read
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     # a dry check takes the path a GPU takes (MORA_COMPILE=auto there): MoRA's compiled reference math, inductor's
     # C++ here; for this check and its parts only, never for a process that calls main()
-    dry = {"MORA_COMPILE": "on"} if args.dry and "MORA_COMPILE" not in os.environ else {}
+    dry = {ENV: "on"} if args.dry and ENV not in os.environ else {}
     with mock.patch.dict(os.environ, dry):
         return run_check(args, args.out.resolve(), budgets)
 
