@@ -122,30 +122,34 @@ def bench_shape(
 
         return step
 
-    first = {}
+    first, failed = {}, {}
     for name, (module, *_, path) in layers.items():  # compiles a compiled variant's graphs, timed
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        forward_backward(module, path)()
+        try:
+            forward_backward(module, path)()
+        except torch._dynamo.exc.BackendCompilerFailed as error:  # MORA_COMPILE=on: said, and the others timed
+            failed[name] = compiled.describe(getattr(error, "inner_exception", error))
+            continue
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         first[name] = time.perf_counter() - start
-    fwd = interleaved_times({n: on_path(m, p) for n, (m, *_, p) in layers.items()}, repeats, warmup, device)
-    both = interleaved_times({n: forward_backward(m, p) for n, (m, *_, p) in layers.items()}, repeats, warmup, device)
+    timed = {name: layer for name, layer in layers.items() if name not in failed}
+    fwd = interleaved_times({n: on_path(m, p) for n, (m, *_, p) in timed.items()}, repeats, warmup, device)
+    both = interleaved_times({n: forward_backward(m, p) for n, (m, *_, p) in timed.items()}, repeats, warmup, device)
     fwd_ratio, both_ratio = paired_ratios(fwd, "base"), paired_ratios(both, "base")
     rows = []
     for name, (_, method, r, r_hat, path) in layers.items():
+        row = {"shape": f"{d_in}->{d_out}", "tokens": f"{batch}x{seq}", "variant": name, "method": method}
+        row |= {"path": path, "r": r, "r_hat": r_hat}
+        if name in failed:
+            rows.append(row | {"failed": failed[name]})
+            continue
         rows.append(
-            {
-                "shape": f"{d_in}->{d_out}",
-                "tokens": f"{batch}x{seq}",
-                "variant": name,
-                "method": method,
-                "path": path,
+            row
+            | {
                 "first_s": first[name],
-                "r": r,
-                "r_hat": r_hat,
                 "fwd_s": statistics.median(fwd[name]),
                 "fwd_bwd_s": statistics.median(both[name]),
                 "fwd_ratio": fwd_ratio[name],
@@ -173,6 +177,12 @@ def markdown(rows: list[dict], dtype: str, device: torch.device) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        if "failed" in row:
+            lines.append(
+                f"| {row['shape']} | {row['tokens']} | {row['variant']} | {row['r_hat'] or ''} | "
+                f"did not compile: {row['failed']} | – | – | – | – | – |"
+            )
+            continue
         gap = 100 * (row["fwd_bwd_ratio"] - row["floor"])
         rounds = row["fwd_bwd_round_ratios"]
         lines.append(

@@ -219,7 +219,7 @@ def run_summaries(runs: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:  # being written
             continue
         keep = ("method", "rank", "lr", "seed", "status", "steps", "tokens", "tokens_per_s", "startup_s", "wall_s")
-        keep += ("evals", "trainable_params", "error")
+        keep += ("evals", "trainable_params", "error", "mora_compile_failure")
         summaries.append({"run": path.parent.name, **{k: s.get(k) for k in keep}})
     return summaries
 
@@ -263,7 +263,8 @@ def table_part(
     else:
         (out / f"{table}.md").write_text(f"# {table}, gpu profile\n\nNo run finished within the budget.\n")
     (out / f"{table}.json").write_text(json.dumps(part, indent=2))
-    return {k: v for k, v in part.items() if k != "runs"} | {"runs_finished": len(finished)}
+    failure = next((s["mora_compile_failure"] for s in summaries if s["mora_compile_failure"]), None)
+    return {k: v for k, v in part.items() if k != "runs"} | {"runs_finished": len(finished), "compile_failure": failure}
 
 
 def markdown(env: dict[str, Any], parts: dict[str, dict[str, Any]]) -> str:
@@ -286,6 +287,8 @@ def markdown(env: dict[str, Any], parts: dict[str, dict[str, Any]]) -> str:
     ]
     for name, part in parts.items():
         extra = f" ({part['runs_finished']} runs finished)" if "runs_finished" in part else ""
+        if part.get("compile_failure"):  # MORA_COMPILE=auto: MoRA's runs went on on the eager path
+            extra += f"; MoRA's graphs did not compile ({part['compile_failure']}), so its runs took the eager path"
         files = f"{name}.json, {name}.md"
         budget = "–" if part["budget_s"] is None else f"{part['budget_s']:.0f}"
         lines.append(f"| {name} | {part['status']}{extra} | {part['wall_s']} | {budget} | {files} |")

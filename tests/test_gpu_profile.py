@@ -318,3 +318,31 @@ def test_cells_that_no_table_part_has_are_refused_before_anything_is_written(tmp
         gpu_check.main([str(tmp_path / "out"), "--dry", "--parts", "methods", "--cells", "fft"])
     assert stop.value.code == 2 and "methods's gpu profile has none of them" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_says_when_moras_graphs_did_not_compile_and_its_runs_went_on_eager(tmp_path, monkeypatch):
+    # on a GPU whose compiler fails on MoRA's graphs, MORA_COMPILE=auto trains on on the eager path and each run's
+    # summary.json says why: the table part and gpu_check.md carry it, so the tokens/s are not taken for the
+    # compiled path's
+    from scripts import gpu_check
+
+    runs = tmp_path / "runs"
+    why = "RuntimeError: no kernel for this GPU"
+
+    def fake_part(name, cmd, budget_s, poll=None):  # the runner's runs: the base, and MoRA stopped at the budget
+        for run_name, summary in (("base", {}), ("mora-r8-lr0.003-s0", {"mora_compile_failure": why})):
+            (runs / run_name).mkdir(parents=True)
+            (runs / run_name / "summary.json").write_text(json.dumps({"status": "stopped", **summary}))
+        return {"status": "stopped at its budget", "wall_s": 1.0, "budget_s": budget_s, "command": cmd[1:]}
+
+    monkeypatch.setattr(gpu_check, "run_part", fake_part)
+    out = tmp_path / "out"
+    out.mkdir()
+    part = gpu_check.table_part("methods", out, runs, tmp_path / "scratch", 10.0, False, None)
+    assert part["compile_failure"] == why and part["runs_finished"] == 0
+    saved = json.loads((out / "methods.json").read_text())["runs"]
+    assert [r.get("mora_compile_failure") for r in saved] == [None, why]
+    env = gpu_check.environment(dry=True)
+    assert f"| methods | stopped at its budget (0 runs finished); MoRA's graphs did not compile ({why})" in (
+        gpu_check.markdown(env, {"methods": part})
+    )

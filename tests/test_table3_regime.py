@@ -33,10 +33,12 @@ def _compose(overrides):
         return compose(config_name="train", overrides=overrides)
 
 
-def _sweep(tmp_path):
+def _sweep(tmp_path, cells=None):
+    """(job, composed config) for every run of the sweep, or for the runs of `cells` only."""
     todo, base = runs("table3_regime", "tiny", [0], ["c4"], tmp_path)
     assert base is None  # pretraining from random init
-    return [(job, _compose([o for o in job.overrides if not o.startswith("run.dir=")])) for job in todo]
+    jobs = [job for job in todo if cells is None or job.cell in cells]
+    return [(job, _compose([o for o in job.overrides if not o.startswith("run.dir=")])) for job in jobs]
 
 
 def test_every_run_of_the_sweep_composes_with_the_sweeps_rules(tmp_path):
@@ -77,7 +79,7 @@ def _r_hats(model):
 
 
 def test_the_no_padding_ablation_has_r_hat_dividing_every_width_and_the_sweeps_own_cell_does_not(tmp_path):
-    sweep = {job.cell: cfg for job, cfg in _sweep(tmp_path)}
+    sweep = {job.cell: cfg for job, cfg in _sweep(tmp_path, {"mora-r3-w96-s300", "mora-w96-s300", "chunked-w96-s300"})}
     ablation = _r_hats(_built(sweep["mora-r3-w96-s300"]))
     assert len(ablation) == 3 * 7 and {r for _, _, r in ablation} == {24, 32}
     assert all(d_in % r == 0 and d_out % r == 0 for d_in, d_out, r in ablation)
@@ -87,7 +89,7 @@ def test_the_no_padding_ablation_has_r_hat_dividing_every_width_and_the_sweeps_o
 
 
 def test_the_embedding_lr_ablation_puts_the_modules_to_save_in_a_group_of_their_own(tmp_path):
-    cfg = next(cfg for job, cfg in _sweep(tmp_path) if job.cell == "mora-embedlr-w96-s300")
+    cfg = _sweep(tmp_path, {"mora-embedlr-w96-s300"})[0][1]  # its first run
     assert cfg.train.modules_to_save_lr == 1e-2
     torch.manual_seed(0)
     adapted = build_adapter(small_llama(), {**cfg.adapter, "r": 4, "target_modules": LLAMA_TARGETS})

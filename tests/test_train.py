@@ -93,6 +93,37 @@ def test_bad_input_stops_before_work(tmp_path, override, match):
     assert not (tmp_path / "run").exists()  # also what is found while building the model comes before any write
 
 
+def test_a_run_whose_graphs_cannot_compile_trains_on_the_eager_path_and_says_why(tmp_path, monkeypatch, recwarn):
+    # MORA_COMPILE=auto on a GPU where inductor fails (here: a layer that wants the compiled path, as on a GPU that
+    # Triton supports, and a compiler that raises): the run warns once, trains as the eager run does, and its
+    # summary.json records why. Rope: the chunked operator with tables
+    import mora.adapters.compiled as compiled
+    import mora.adapters.peft_tuner.layer as layer
+
+    def no_kernel(gm, example_inputs):
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(compiled, "_failure", [])
+    monkeypatch.setattr(compiled, "BACKEND", no_kernel)
+    losses = {}
+    for setting in ("off", "auto"):
+        monkeypatch.setenv("MORA_COMPILE", setting)
+        if setting == "auto":
+            monkeypatch.setattr(layer, "wanted", lambda device: compiled.compile_failure() is None)
+        overrides = smoke_overrides("mora", "uuid", 3, tmp_path / setting)
+        summary = run(_compose(*overrides, "adapter.r=2", "adapter.compression=rope", "wandb.mode=disabled"))
+        assert summary["status"] == "finished"
+        assert json.loads((tmp_path / setting / "summary.json").read_text()).get("mora_compile_failure") == (
+            None if setting == "off" else "RuntimeError: no kernel for this GPU"
+        )
+        metrics = [json.loads(line) for line in (tmp_path / setting / "metrics.jsonl").read_text().splitlines()]
+        losses[setting] = [m["train/loss"] for m in metrics if "tokens" in m] + [summary["evals"][-1]["eval/loss"]]
+    ours = [str(w.message) for w in recwarn if "MoRA's compiled path could not compile" in str(w.message)]
+    assert len(ours) == 1 and "RuntimeError: no kernel for this GPU" in ours[0]
+    assert len(losses["auto"]) == 4 and losses["auto"] == pytest.approx(losses["off"], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_bf16_autocast_over_fp32_weights_trains_close_to_fp32(tmp_path):
     fp32 = run(_compose(*smoke_overrides("mora", "uuid", 2, tmp_path / "fp32")))
     bf16 = run(_compose(*smoke_overrides("mora", "uuid", 2, tmp_path / "bf16"), "train.mixed_precision=bf16"))

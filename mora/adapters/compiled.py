@@ -17,6 +17,12 @@ bench/layer.py: its `first s` column). Dynamo's limit of graphs per function is 
 a process that goes past it anyway (many models in one process, without `forget_graphs` between them) runs the
 layers past it uncompiled, with a warning, rather than failing.
 
+Where inductor cannot compile a graph (a Triton or compiler error on a GPU this path has not met), `auto` does not let
+the run fail: that call runs the reference math uncompiled, one warning names the error, and every MoRA layer of the
+process takes the eager path from then on (`compile_failure` says why; a run's summary.json records it). The backward
+is compiled with the forward (AOTAutograd would otherwise compile it at the first backward, where an error could only
+fail the step), so both fail where the layer can still fall back. `on` raises the error instead.
+
 The switch: MORA_COMPILE in the environment, `auto` (the default: CUDA devices that Triton supports, else the eager
 path with one warning), `on` (every device, e.g. to test on a CPU, where inductor emits C++), `off` (never: the
 eager path runs everywhere). The layer asks `wanted`.
@@ -33,6 +39,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._functorch import config as functorch_config
 
 from mora.adapters.mora import delta
 
@@ -40,6 +47,7 @@ ENV = "MORA_COMPILE"
 CHOICES = ("auto", "on", "off")
 BACKEND = "inductor"
 RECOMPILE_LIMIT = 64  # graphs of the compiled layer function: layer shapes x dtypes x grad modes x dropout or not
+_failure: list[str] = []  # why a graph failed to compile in this process under `auto` (then the eager path only)
 
 
 def setting() -> str:
@@ -56,6 +64,8 @@ def wanted(device: torch.device) -> bool:
     choice = setting()
     if choice != "auto" or device.type != "cuda":
         return choice == "on"
+    if _failure:  # a graph failed to compile in this process (its warning said so)
+        return False
     why = cannot_compile_for(device)
     if why is not None:
         warnings.warn(f"{ENV}=auto: {why}, so MoRA runs its eager path ({ENV}=off: no warning)", stacklevel=2)
@@ -88,11 +98,20 @@ def linear_plus_delta(
     return F.linear(x, weight, bias) + delta(h, M, weight.shape[0], compression, tables)
 
 
+def compile_failure() -> str | None:
+    """Why a graph failed to compile in this process under MORA_COMPILE=auto (its MoRA layers have run eager since),
+    or None."""
+    return _failure[0] if _failure else None
+
+
 @functools.cache
 def compiled_function(backend: str | Callable = BACKEND) -> Callable[..., Tensor]:
     """`linear_plus_delta` through torch.compile with `backend` (whole graph, no breaks); built once per backend.
-    Raises dynamo's limit of graphs per function (8) to RECOMPILE_LIMIT, so that every layer shape keeps its own."""
+    Raises dynamo's limit of graphs per function (8) to RECOMPILE_LIMIT, so that every layer shape keeps its own, and
+    makes AOTAutograd compile a backward with its forward (process-wide, as dynamo's limit: other compiled code of the
+    process compiles its backward at its first forward too, the same work done earlier)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    functorch_config.force_non_lazy_backward_lowering = True
     return torch.compile(linear_plus_delta, backend=backend, fullgraph=True)
 
 
@@ -125,7 +144,25 @@ def compiled_mora_linear(
             stacklevel=2,
         )
         out = linear_plus_delta(x2, h2, weight, bias, M, compression, tables)
+    except torch._dynamo.exc.BackendCompilerFailed as error:  # inductor, Triton or the C++ compiler failed
+        if setting() == "on":
+            raise
+        why = describe(getattr(error, "inner_exception", error))
+        _failure.append(why)
+        warnings.warn(
+            f"MoRA's compiled path could not compile a layer {d_in}->{d_out} ({why}), so it runs its "
+            f"reference math uncompiled and every MoRA layer of this process its eager path; {ENV}=off does not "
+            f"try to compile, {ENV}=on makes this an error",
+            stacklevel=2,
+        )
+        out = linear_plus_delta(x2, h2, weight, bias, M, compression, tables)
     return out.view(*x.shape[:-1], d_out)
+
+
+def describe(error: BaseException) -> str:
+    """An error in one line: its type and its message's first line."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def forget_graphs() -> None:

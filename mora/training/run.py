@@ -340,6 +340,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     finally:
         summary["wall_s"] = round(time.time() - started, 2)
         summary.update(peak_memory_mb(accelerator.device))
+        if compiled.compile_failure() is not None:  # MORA_COMPILE=auto fell back to the eager path (env.json: wanted)
+            summary["mora_compile_failure"] = compiled.compile_failure()
         if main:
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if wandb_run is not None:

@@ -1,7 +1,7 @@
 """The compiled GPU path (mora.adapters.compiled) on the CPU: forward and gradients against the reference math in
 float64 on every operator, through dynamo + AOTAutograd (every shape class) and inductor itself (its C++ backend,
 one shape per operator); no more kept for backward than the input itself; one graph for every token count; the
-MORA_COMPILE switch and its fallback where Triton cannot compile; the layer's choice."""
+MORA_COMPILE switch and its fallbacks where Triton cannot compile or a graph fails to; the layer's choice."""
 
 import warnings
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.testing import CompileCounter
 
 from mora import MoraConfig
@@ -178,6 +179,37 @@ def test_auto_falls_back_to_eager_with_one_warning_where_triton_cannot_compile(t
             assert wanted(gpu) is False
     finally:
         compiled.cannot_compile_for.cache_clear()
+
+
+def _no_kernel(gm, example_inputs):  # a compiler that cannot generate this graph (a Triton or C++ compiler error)
+    raise RuntimeError("no kernel for this GPU\nits traceback")
+
+
+@pytest.mark.parametrize("fails", ["forward", "backward"])
+def test_where_a_graph_cannot_compile_auto_runs_the_reference_math_and_eager_after_and_on_raises(fails, monkeypatch):
+    # a GPU that this path has not met: inductor or Triton may fail on a graph, forward or backward. `auto` must not
+    # fail the run: this call's numbers and gradients come from the reference math, one warning says why, and every
+    # layer after takes the eager path. The backward compiles with the forward, so its failure is caught there too
+    # (compiled lazily, it would fail inside loss.backward(), past any fallback)
+    monkeypatch.setattr(compiled, "_failure", [])
+    monkeypatch.setattr(compiled, "cannot_compile_for", lambda device: None)  # a GPU that Triton supports
+    backend = _no_kernel if fails == "forward" else aot_autograd(fw_compiler=lambda gm, ex: gm, bw_compiler=_no_kernel)
+    monkeypatch.setenv(compiled.ENV, "on")
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="no kernel for this GPU"):
+        _check("rope", 19, 37, 6, backend)
+    assert compiled.compile_failure() is None
+    monkeypatch.setenv(compiled.ENV, "auto")
+    gpu = torch.device("cuda", 0)
+    assert wanted(gpu) is True
+    torch._dynamo.reset()
+    why = r"\(RuntimeError: no kernel for this GPU\), so it runs its reference math uncompiled and every MoRA layer"
+    with pytest.warns(UserWarning, match=rf"^MoRA's compiled path could not compile a layer 19->37 {why}"):
+        _check("rope", 19, 37, 6, backend)  # forward and gradients against the float64 reference
+    assert compiled.compile_failure() == "RuntimeError: no kernel for this GPU"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert wanted(gpu) is False  # from now on the eager path, without another warning
 
 
 def test_a_bad_switch_value_is_one_clear_line(monkeypatch):
