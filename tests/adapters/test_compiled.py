@@ -1,16 +1,18 @@
 """The compiled GPU path (mora.adapters.compiled) on the CPU: forward and gradients against the reference math in
 float64 on every operator, through dynamo + AOTAutograd (every shape class) and inductor itself (its C++ backend,
 one shape per operator); no more kept for backward than the input itself; one graph for every token count; the
-MORA_COMPILE switch and its fallbacks where Triton cannot compile or a graph fails to; the layer's choice."""
+MORA_COMPILE switch and its fallbacks where Triton cannot compile or a graph fails to; the layer's choice; a model
+under gradient checkpointing."""
 
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from peft import get_peft_model
 from torch import nn
 from torch._dynamo.backends.common import aot_autograd
-from torch._dynamo.testing import CompileCounter
+from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
 from mora import MoraConfig
 from mora.adapters import compiled
@@ -18,6 +20,7 @@ from mora.adapters.compiled import compiled_mora_linear, wanted
 from mora.adapters.mora import COMPRESSIONS, delta_weight, n_chunks, rope_tables, surviving_chunks
 from mora.adapters.peft_tuner import MoraLinear
 from tests.adapters.test_math import SHAPES, WRAPS_TWICE, _valid
+from tests.conftest import LLAMA_TARGETS, small_llama
 
 CASES = [case for case in [(c, *s) for c in COMPRESSIONS for s in SHAPES] + WRAPS_TWICE if _valid(*case)]
 # one shape per operator for inductor: the input wraps around (r_hat does not divide d_in) and the output is tiled
@@ -262,3 +265,35 @@ def test_the_compiled_layer_under_autocast_matches_the_eager_one(compression, mo
     for eager, compiled_ in zip(results["off"], results["on"], strict=True):
         assert compiled_.dtype == eager.dtype
         assert (compiled_.float() - eager.float()).norm() <= 2**-7 * eager.float().norm()
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_the_compiled_layers_under_gradient_checkpointing_give_the_eager_gradients(reentrant, monkeypatch):
+    # Trainer and TRL users turn on gradient checkpointing on a GPU: the layers' forward runs again in backward,
+    # under no_grad first where checkpointing is reentrant. On the compiled path (dynamo + AOTAutograd here) the loss
+    # and every gradient equal the eager path's
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(compiled, "BACKEND", counter)
+    results = {}
+    for setting in ("off", "on"):
+        monkeypatch.setenv(compiled.ENV, setting)
+        torch._dynamo.reset()
+        config = MoraConfig(r=4, compression="rope", target_modules=LLAMA_TARGETS, task_type="CAUSAL_LM")
+        model = get_peft_model(small_llama(0, use_cache=False), config)
+        torch.manual_seed(1)
+        for name, p in model.named_parameters():
+            if "mora_M" in name:
+                nn.init.normal_(p, std=0.1)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.enable_input_require_grads()
+        model.train()
+        ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(2))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+        assert len(grads) == 2 * len(LLAMA_TARGETS) and all(g is not None for g in grads.values())
+        results[setting] = loss, grads
+    assert counter.frame_count > 0  # the "on" model took the compiled path
+    (eager_loss, eager), (loss, grads) = results["off"], results["on"]
+    assert torch.allclose(loss, eager_loss, atol=1e-6)
+    assert all(torch.allclose(grads[k], eager[k], atol=1e-6) for k in eager)
