@@ -218,7 +218,8 @@ def run_summaries(runs: Path) -> list[dict[str, Any]]:
             s = json.loads(path.read_text())
         except json.JSONDecodeError:  # being written
             continue
-        keep = ("method", "rank", "lr", "seed", "status", "steps", "tokens", "tokens_per_s", "startup_s", "wall_s")
+        keep = ("method", "rank", "lr", "seed", "status", "steps", "tokens", "tokens_per_s", "steady_tokens_per_s")
+        keep += ("first_step_s", "startup_s", "wall_s")
         keep += ("evals", "trainable_params", "error", "mora_compile_failure")
         summaries.append({"run": path.parent.name, **{k: s.get(k) for k in keep}})
     return summaries

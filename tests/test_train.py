@@ -32,6 +32,8 @@ def test_smoke_run_writes_a_complete_run_folder(tmp_path, method):
     assert summary["status"] == "finished" and summary["trainable_params"] > 0
     metrics = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "tokens" in m] == [1, 2, 3, 4]
+    # the first step timed apart (compilation on a GPU), and the rate of the three after it
+    assert 0 < summary["first_step_s"] < summary["train_s"] and summary["steady_tokens_per_s"] > 0
     assert 0 <= metrics[-1]["eval/char_acc"] <= 100
     if method in ("relora", "remora"):
         assert [m["step"] for m in metrics if m.get("event") == "restart"] == [2]
@@ -129,6 +131,11 @@ def test_bf16_autocast_over_fp32_weights_trains_close_to_fp32(tmp_path):
     bf16 = run(_compose(*smoke_overrides("mora", "uuid", 2, tmp_path / "bf16"), "train.mixed_precision=bf16"))
     assert bf16["status"] == "finished" and bf16["final_train_loss"] != fp32["final_train_loss"]  # autocast ran
     assert bf16["final_train_loss"] == pytest.approx(fp32["final_train_loss"], rel=0.05)
+
+
+def test_a_one_step_run_has_its_first_step_timed_and_no_rate_after_it(tmp_path):
+    summary = run(_compose(*smoke_overrides("mora", "uuid", 1, tmp_path / "one")))
+    assert summary["status"] == "finished" and summary["first_step_s"] > 0 and summary["steady_tokens_per_s"] is None
 
 
 @pytest.mark.slow

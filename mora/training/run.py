@@ -485,6 +485,7 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
 
     if start == 0 and 0 in eval_steps:  # the model before its first step: what training then changes
         evaluate_at(0)
+    first_started, first_step = time.time(), (0.0, tokens_seen)  # this process's first step: (seconds, tokens after)
     for step in range(start, steps):
         examples = next(batches)
         full = task.collate(examples)
@@ -511,6 +512,10 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
             restarts.restart(accelerator.unwrap_model(model), optimizer)
             log.write({"step": done, "event": "restart"})
         tokens_seen += int(full["attention_mask"].sum())
+        if step == start:  # it holds what compiles once (MoRA's graphs on a GPU): timed apart, its kernels finished
+            if accelerator.device.type == "cuda":
+                torch.cuda.synchronize(accelerator.device)
+            first_step = (time.time() - first_started, tokens_seen)
         logged = done % t.log_every == 0 or done == steps
         if logged or done in eval_steps:  # reading the loss waits for the device: only for a step that reports it
             loss_value = float(accelerator.reduce(loss_sum, reduction="sum")) / n_tokens
@@ -534,6 +539,9 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
             save_checkpoint(accelerator, model, out, done, {"tokens": tokens_seen})
     bar.close()
     train_s = time.time() - loop_started - eval_s  # this process's steps (and checkpoints), evaluations apart
+    # the rate after the first step, evaluations apart: what a long run trains at, its one-time costs excluded
+    steady_s = train_s - first_step[0]
+    steady = round((tokens_seen - first_step[1]) / steady_s, 1) if steps - start > 1 and steady_s > 0 else None
     accelerator.wait_for_everyone()
     spectrum_means = None
     # DoRA's weight is not base + delta (a magnitude rescales it): its spectrum is not computed
@@ -571,6 +579,8 @@ def _train(cfg: DictConfig, accelerator: Accelerator, out: Path, log: MetricsLog
         "tokens": tokens_seen,
         "tokens_per_s": round((tokens_seen - clock_tokens) / max(time.time() - clock, 1e-9), 1),
         "train_s": round(train_s, 2),
+        "first_step_s": round(first_step[0], 2),
+        "steady_tokens_per_s": steady,
         "eval_s": round(eval_s, 2),
         "adapter_file_bytes": saved,
         **merged,
