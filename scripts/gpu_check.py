@@ -201,7 +201,7 @@ def bench_commands(out: Path, dry: bool) -> dict[str, list[str]]:
         merge = [py, "bench/merge.py", *sizes[:4], "--shapes", "64x96", "--ranks", "8", "--repeats", "2"]
     else:
         sizes = ["--device", "cuda", "--dtype", "bfloat16", "--ranks", "8", "256"]
-        layer = [py, "bench/layer.py", *sizes, "--tokens", "1x2048", "8x2048", "--repeats", "30", "--warmup", "5"]
+        layer = [py, "bench/layer.py", *sizes, "--tokens", "8x2048", "1x2048", "--repeats", "30", "--warmup", "5"]
         layer += ["--operators", "truncation", "sharing", "decouple", "rope"]
         merge = [py, "bench/merge.py", *sizes, "--repeats", "20"]
     return {

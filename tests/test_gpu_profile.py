@@ -346,3 +346,21 @@ def test_gpu_check_says_when_moras_graphs_did_not_compile_and_its_runs_went_on_e
     assert f"| methods | stopped at its budget (0 runs finished); MoRA's graphs did not compile ({why})" in (
         gpu_check.markdown(env, {"methods": part})
     )
+
+
+def test_the_gpu_layer_part_measures_what_issue_23_asks_with_its_goals_token_count_first(tmp_path):
+    # bf16 at LLaMA-7B's shapes (the benchmark's default), LoRA and every MoRA operator at r = 8 and 256, the compiled
+    # path first and the eager one, 8x2048 tokens first: a part stopped at its budget has the goal's figures
+    from scripts import gpu_check
+
+    layer = gpu_check.bench_commands(tmp_path, dry=False)["layer"]
+
+    def values(flag):
+        start = layer.index(flag) + 1
+        end = next((i for i in range(start, len(layer)) if layer[i].startswith("--")), len(layer))
+        return layer[start:end]
+
+    assert "--shapes" not in layer and values("--device") == ["cuda"] and values("--dtype") == ["bfloat16"]
+    assert values("--tokens") == ["8x2048", "1x2048"] and values("--ranks") == ["8", "256"]
+    assert values("--operators") == ["truncation", "sharing", "decouple", "rope"]
+    assert values("--paths") == ["compiled", "eager"] and values("--baselines") == ["lora"]
