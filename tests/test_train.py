@@ -125,7 +125,6 @@ def test_a_run_whose_graphs_cannot_compile_trains_on_the_eager_path_and_says_why
     assert len(losses["auto"]) == 4 and losses["auto"] == pytest.approx(losses["off"], rel=1e-5)
 
 
-@pytest.mark.slow
 def test_bf16_autocast_over_fp32_weights_trains_close_to_fp32(tmp_path):
     fp32 = run(_compose(*smoke_overrides("mora", "uuid", 2, tmp_path / "fp32")))
     bf16 = run(_compose(*smoke_overrides("mora", "uuid", 2, tmp_path / "bf16"), "train.mixed_precision=bf16"))
