@@ -284,7 +284,7 @@ def test_the_compiled_layers_under_gradient_checkpointing_give_the_eager_gradien
         for name, p in model.named_parameters():
             if "mora_M" in name:
                 nn.init.normal_(p, std=0.1)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
         model.enable_input_require_grads()
         model.train()
         ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(2))
