@@ -130,7 +130,7 @@ def bench_shape(
         try:
             forward_backward(module, path)()
         except torch._dynamo.exc.BackendCompilerFailed as error:  # MORA_COMPILE=on: said, and the others timed
-            failed[name] = compiled.describe(getattr(error, "inner_exception", error))
+            failed[name] = compiled.describe(error)
             continue
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -147,7 +147,7 @@ def compiled_mora_linear(
     except torch._dynamo.exc.BackendCompilerFailed as error:  # inductor, Triton or the C++ compiler failed
         if setting() == "on":
             raise
-        why = describe(getattr(error, "inner_exception", error))
+        why = describe(error)
         _failure.append(why)
         warnings.warn(
             f"MoRA's compiled path could not compile a layer {d_in}->{d_out} ({why}), so it runs its "
@@ -160,7 +160,9 @@ def compiled_mora_linear(
 
 
 def describe(error: BaseException) -> str:
-    """An error in one line: its type and its message's first line."""
+    """An error in one line: its type and its message's first line; a compiler's own error for dynamo's
+    BackendCompilerFailed, which wraps it."""
+    error = getattr(error, "inner_exception", error)
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
