@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -196,7 +197,11 @@ PROBE_ATTEMPTS = 100  # looks at a folder whose parents other processes' probes 
 
 def _probe_folder(key: str, path: Path) -> bool:
     """check_folder's one look: True when done, False where a folder on the way vanished meanwhile."""
-    if path.exists() and not path.is_dir():
+    try:  # one look at what `path` is: between two (exists, then is_dir) another process's probe may remove it
+        is_file = not stat.S_ISDIR(path.stat().st_mode)
+    except (FileNotFoundError, NotADirectoryError):  # missing, or under a file (said below)
+        is_file = False
+    if is_file:
         raise ConfigError(f"{key} {str(path)!r}: is a file, not a folder; give {key} a new or existing folder")
     first_missing = path
     while not first_missing.parent.exists() and first_missing.parent != first_missing:

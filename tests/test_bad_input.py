@@ -231,3 +231,22 @@ def test_a_folder_that_another_runs_probe_removes_meanwhile_is_looked_at_again(t
     monkeypatch.setattr(config.os, "mkdir", after_the_other_removed_runs)
     config.check_folder("run.dir", tmp_path / "runs" / "table3" / "lora-s7")  # no error: it looked again
     assert made == [tmp_path / "runs" / "table3", tmp_path / "runs"] and not (tmp_path / "runs").exists()
+
+
+def test_a_run_folder_that_another_process_probes_meanwhile_is_never_taken_for_a_file(tmp_path, monkeypatch):
+    # two processes of one run check the same new run.dir: the other's probe makes it and removes it again. Seen
+    # between "it exists" and "it is a folder" that read as a file (a 2-process DeepSpeed run in CI failed so)
+    from mora import config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()  # made by the other process's probe, which removes it before this one asks what it is
+    is_dir = Path.is_dir
+
+    def removed_meanwhile(path):
+        if path == run_dir and run_dir.exists():
+            run_dir.rmdir()
+        return is_dir(path)
+
+    monkeypatch.setattr(Path, "is_dir", removed_meanwhile)
+    config.check_folder("run.dir", run_dir)  # no error: it looked again
+    assert not run_dir.exists()
